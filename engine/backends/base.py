@@ -1,0 +1,98 @@
+"""The small interface the step loop talks to. A backend owns the device, precision, optimizer and step.
+
+`train_step` takes all micro-batches of one optimizer step, so gradient accumulation, loss scaling,
+clipping and the optimizer step (or ZeRO's partitioned version of it) stay inside the backend and
+the loop in `engine/train.py` reads the same for every backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from engine.config import RunConfig
+from engine.distributed import DistEnv
+from engine.loss import lm_loss_sum
+from engine.model import DTYPES
+
+
+@dataclass
+class StepStats:
+    loss: float  # token-weighted mean over the whole global batch (all ranks)
+    tokens: int  # loss tokens in the global batch
+    grad_norm: float | None
+    skipped: bool  # fp16 overflow: the optimizer step was skipped and the loss scale lowered
+    lr: float
+    loss_scale: float | None = None
+
+
+class Backend(ABC):
+    name = "base"
+
+    def __init__(self, cfg: RunConfig, dist_env: DistEnv):
+        self.cfg = cfg
+        self.dist = dist_env
+        self.dtype = DTYPES[cfg.memory.precision]
+
+    # -- set by subclasses
+    model: torch.nn.Module
+    device: torch.device
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[dict]) -> StepStats: ...
+
+    @abstractmethod
+    def save(self, ckpt_dir: Path) -> None: ...
+
+    @abstractmethod
+    def load(self, ckpt_dir: Path) -> None: ...
+
+    @abstractmethod
+    def lr(self) -> float: ...
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        """Yield the unwrapped transformers/peft model with full (gathered) weights; rank 0 may save it."""
+        yield self.model
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # -- collectives (no-ops for one process)
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    def global_tokens(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Loss tokens of the whole global batch, known before any forward (labels are data)."""
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        return self.all_reduce_sum(torch.tensor([float(n)], device=self.device))
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[dict], weights: list[float] | None = None) -> tuple[float, float]:
+        """Summed token loss and token count over batches (each rank its own share), reduced over ranks."""
+        was_training = self.model.training
+        self.model.eval()
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i, b in enumerate(batches):
+            w = 1.0 if weights is None else weights[i]
+            with self.autocast():
+                s, n = lm_loss_sum(self.model, self.to_device(b))
+            acc += torch.stack([s.double() * w, n.double() * w])
+        self.all_reduce_sum(acc)
+        if was_training:
+            self.model.train()
+        return float(acc[0]), float(acc[1])

@@ -1,0 +1,210 @@
+"""DeepSpeed engine: ZeRO stages 0-3, optimizer/parameter offload, fp16 loss scaling, bf16.
+
+The DeepSpeed JSON is generated here, once, from the typed config (`make_ds_config`); a user JSON
+may be merged over it. On CPU DeepSpeed runs its CPU accelerator over gloo, the same code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from engine.backends.base import Backend, StepStats
+from engine.config import RunConfig
+from engine.distributed import DistEnv
+from engine.errors import ConfigError
+from engine.loss import lm_loss_sum
+from engine.optim import build_optimizer, build_scheduler
+
+
+def make_ds_config(cfg: RunConfig, world_size: int, device_type: str = "cuda", user_json: dict | None = None) -> dict:
+    """The DeepSpeed config for `cfg` (pure function). train_batch_size = micro x accum x world size."""
+    m, t = cfg.memory, cfg.train
+    accum = grad_accum_steps(cfg, world_size)
+    pin = device_type == "cuda"  # pinned host buffers speed up H2D copies; meaningless without a GPU
+    zero: dict = {"stage": m.zero_stage}
+    if m.zero_stage > 0:
+        zero.update(contiguous_gradients=True, overlap_comm=device_type == "cuda", reduce_bucket_size=5e7)
+    if m.zero_stage >= 2:
+        zero.update(allgather_bucket_size=5e7)
+    if m.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=5e7,
+            stage3_param_persistence_threshold=1e5,
+            stage3_max_live_parameters=1e8,
+            stage3_gather_16bit_weights_on_model_save=False,  # we gather ourselves for the HF export
+        )
+    if m.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if m.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip or 0.0,
+        "zero_optimization": zero,
+        "fp16": {
+            "enabled": m.precision == "fp16",
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "bf16": {"enabled": m.precision == "bf16"},
+        # bitsandbytes and torch optimizers are passed in as client optimizers.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if user_json:
+        ds = _merge(ds, user_json)
+    return ds
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
+    t = cfg.train
+    if t.global_batch_size is None:
+        return t.grad_accum_steps
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size {t.micro_batch_size} "
+            f"x world size {world_size} = {per_step}: change one of them"
+        )
+    return t.global_batch_size // per_step
+
+
+def load_user_ds_json(path: str | None) -> dict | None:
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"train.deepspeed_config: file not found: {p}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"train.deepspeed_config: {p} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"train.deepspeed_config: {p} must hold a JSON object")
+    return data
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(dist_env: DistEnv) -> None:
+    """One process without a launcher still needs a (1-rank) process group for the DeepSpeed engine."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if not dist_env.launched:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(verbose=False)
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, cfg: RunConfig, dist_env: DistEnv, model: torch.nn.Module, total_steps: int):
+        super().__init__(cfg, dist_env)
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        acc = get_accelerator()
+        if cfg.memory.precision == "fp16" and not acc.is_fp16_supported():
+            raise ConfigError(
+                f"memory.precision=fp16 is not supported by DeepSpeed on {acc.device_name()}: use bf16 or fp32 here "
+                "(fp16 needs a GPU)"
+            )
+        init_distributed(dist_env)
+        world = torch.distributed.get_world_size()
+        self.ds_config = make_ds_config(cfg, world, acc.device_name(), load_user_ds_json(cfg.train.deepspeed_config))
+        optimizer = build_optimizer(model, cfg.optim, acc.device_name())
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: build_scheduler(opt, total_steps, cfg.schedule),
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.model = self.engine
+        self.device = self.engine.device
+        self.engine.train()
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def train_step(self, micro_batches: list[dict]) -> StepStats:
+        n_global = self.global_tokens(micro_batches)
+        world = torch.distributed.get_world_size()
+        accum = len(micro_batches)
+        loss_acc = torch.zeros(1, dtype=torch.float64, device=self.device)
+        lr = self.lr()
+        skipped_before = self.engine.skipped_steps
+        for mb in micro_batches:
+            loss_sum, _ = lm_loss_sum(self.engine, self.to_device(mb))
+            # DeepSpeed divides by accumulation steps and averages gradients over ranks; undo both so
+            # the gradient is exactly d(sum of token losses)/d(global token count).
+            self.engine.backward(loss_sum * (world * accum) / n_global.to(loss_sum.dtype))
+            self.engine.step()  # a no-op except at the accumulation boundary
+            loss_acc += loss_sum.detach().double()
+        self.all_reduce_sum(loss_acc)
+        gn = self.engine.get_global_grad_norm()
+        scale = None
+        if self.cfg.memory.precision == "fp16":
+            scale = float(getattr(self.optimizer, "cur_scale", getattr(self.optimizer, "loss_scale", 0.0)) or 0.0)
+        return StepStats(
+            loss=float(loss_acc / n_global.double()),
+            tokens=int(n_global),
+            grad_norm=float(gn) if gn is not None else None,
+            skipped=self.engine.skipped_steps > skipped_before,
+            lr=lr,
+            loss_scale=scale,
+        )
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        module = self.engine.module
+        if self.cfg.memory.zero_stage == 3:
+            import deepspeed
+
+            # Gathers every partitioned parameter on every rank for the duration (as DeepSpeed's own
+            # 16-bit save does); rank 0 writes.
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                yield module
+        else:
+            yield module
+
+    def save(self, ckpt_dir: Path) -> None:
+        # Every rank writes its own optimizer/parameter partitions.
+        self.engine.save_checkpoint(str(ckpt_dir), tag="deepspeed", save_latest=False)
+
+    def load(self, ckpt_dir: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(ckpt_dir), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise ValueError(f"no DeepSpeed state in {ckpt_dir}")

@@ -1,0 +1,94 @@
+"""Plain PyTorch on one device (CPU or one GPU): autocast mixed precision, GradScaler for fp16.
+
+No DeepSpeed engine in the way, which is what the single-device low-memory path builds on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.backends.base import Backend, StepStats
+from engine.config import RunConfig
+from engine.distributed import DistEnv
+from engine.loss import lm_loss_sum
+from engine.optim import build_optimizer, build_scheduler
+
+
+def pick_device(pref: str) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return torch.device("cpu")
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, cfg: RunConfig, dist_env: DistEnv, model: torch.nn.Module, total_steps: int):
+        super().__init__(cfg, dist_env)
+        self.device = pick_device(cfg.train.device)
+        # fp32 master weights; autocast runs matmuls in 16-bit and keeps 16-bit activations for backward.
+        self.model = model.to(self.device)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.schedule)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.memory.precision == "fp16")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.cfg.memory.precision != "fp32")
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_step(self, micro_batches: list[dict]) -> StepStats:
+        n_global = self.global_tokens(micro_batches)
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        for mb in micro_batches:
+            mb = self.to_device(mb)
+            with self.autocast():
+                loss_sum, _ = lm_loss_sum(self.model, mb)
+            # Dividing by the global token count makes accumulation exactly a token-weighted mean.
+            self.scaler.scale(loss_sum / n_global).backward()
+            loss_acc += loss_sum.detach().double()
+        lr = self.lr()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip else float("inf"))
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = scale_before is not None and self.scaler.get_scale() < scale_before
+        self.optimizer.zero_grad(set_to_none=True)  # frees gradient memory until the next backward
+        self.scheduler.step()
+        return StepStats(
+            loss=float(loss_acc / n_global.double()),
+            tokens=int(n_global),
+            grad_norm=float(grad_norm),
+            skipped=skipped,
+            lr=lr,
+            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None,
+        )
+
+    # -- checkpoints: trainable weights as safetensors, optimizer/scheduler/scaler as weights-only torch files
+    def save(self, ckpt_dir: Path) -> None:
+        trainable = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(ckpt_dir / "trainable.safetensors"))
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()},
+            ckpt_dir / "optimizer.pt",
+        )
+
+    def load(self, ckpt_dir: Path) -> None:
+        state = load_file(str(ckpt_dir / "trainable.safetensors"), device=str(self.device))
+        expected = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+            raise ValueError(f"checkpoint weights do not match this model (missing {missing}, unexpected {extra})")
+        self.model.load_state_dict(state, strict=False)
+        opt = torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        self.scaler.load_state_dict(opt["scaler"])

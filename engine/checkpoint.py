@@ -1,0 +1,191 @@
+"""Resumable checkpoints (atomic directory rename, manifest written last) and the HF-format export."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.errors import EngineError
+
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def py_rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": repr(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def set_py_rng_state(st: dict) -> None:
+    import ast
+
+    random.setstate(ast.literal_eval(st["python"]))
+    n = st["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(backend, step: int, trainer_state: dict, output_dir: str | Path, keep_last: int, keep: set[str] | None = None) -> Path:
+    """All ranks write into step-N.tmp; after a barrier rank 0 fsyncs, renames it and writes the manifest last."""
+    root = checkpoints_dir(output_dir)
+    final = root / f"{PREFIX}{step:07d}"
+    tmp = root / f"{PREFIX}{step:07d}.tmp"
+    rank = backend.dist.rank
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    backend.barrier()
+    backend.save(tmp)
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    backend.barrier()
+    if rank == 0:
+        write_json_atomic(tmp / "trainer_state.json", {**trainer_state, "py_rng": py_rng_state()})
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        for f in files:
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        write_json_atomic(final / MANIFEST, {"step": step, "files": files, "time": time.time()})
+        prune(root, keep_last, keep or set())
+    backend.barrier()
+    return final
+
+
+def is_complete(ckpt: Path) -> bool:
+    m = ckpt / MANIFEST
+    if not m.is_file():
+        return False
+    try:
+        files = json.loads(m.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return all((ckpt / f).is_file() for f in files)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp"))
+
+
+def newest_complete(output_dir: str | Path, warn=print) -> Path | None:
+    for ckpt in reversed(list_checkpoints(output_dir)):
+        if is_complete(ckpt):
+            return ckpt
+        warn(f"warning: skipping incomplete checkpoint {ckpt}")
+    return None
+
+
+def prune(root: Path, keep_last: int, keep: set[str]) -> None:
+    complete = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name.startswith(PREFIX) and is_complete(p)]
+    for p in complete[:-keep_last]:
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_resume(resume: bool | str, output_dir: str | Path, warn=print) -> Path | None:
+    if resume is False or resume is None:
+        return None
+    if resume is True or resume == "latest":
+        return newest_complete(output_dir, warn)
+    p = Path(resume)
+    if not p.is_dir():
+        raise EngineError(f"checkpoint.resume: {p} is not a checkpoint folder")
+    if not is_complete(p):
+        raise EngineError(f"checkpoint.resume: {p} is incomplete or corrupt (no valid {MANIFEST})")
+    return p
+
+
+def load_trainer_state(ckpt: Path, rank: int) -> dict:
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    rng_file = ckpt / f"rng-rank{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    set_py_rng_state(state.pop("py_rng"))
+    return state
+
+
+# ----------------------------------------------------------------------------- HF export
+
+
+def export_model(model, tokenizer, out_dir: Path, merge_lora: bool = True) -> dict[str, Path]:
+    """Save the (unwrapped, full-weight) model in HF format with safetensors; LoRA as a peft adapter (+ merged).
+
+    Returns the folders written: "model" (loadable by AutoModelForCausalLM) and, for LoRA, "adapter".
+    """
+    from engine.model import unwrap
+
+    model = unwrap(model)
+    written: dict[str, Path] = {}
+    is_peft = hasattr(model, "peft_config")
+    if is_peft:
+        adapter_dir = out_dir / "adapter"
+        model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(adapter_dir))
+        written["adapter"] = adapter_dir
+        if not merge_lora:
+            return written
+        # Merge into a CPU copy so the training model (and its adapters) is left as it was.
+        import copy
+
+        model = copy.deepcopy(model).cpu().merge_and_unload()
+    model_dir = out_dir / "model"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    use_cache = base.config.use_cache
+    base.config.use_cache = True  # turned off for training only
+    try:
+        state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu() for k, v in base.state_dict().items()}
+        base.save_pretrained(str(model_dir), state_dict=state, safe_serialization=True)
+    finally:
+        base.config.use_cache = use_cache
+    tokenizer.save_pretrained(str(model_dir))
+    written["model"] = model_dir
+    return written

@@ -1,0 +1,385 @@
+"""One typed schema for a run: YAML presets + dotted overrides -> validated `RunConfig`.
+
+Everything that shapes a run lives here, so the CLI help, validation and the DeepSpeed config
+all derive from one place. Validation happens before any model or data loads: unknown keys,
+wrong types and bad values are reported with the dotted key and the file (or the command line)
+they came from; incompatible feature combinations are rejected with what to change.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.errors import ConfigError
+
+# (n_layer, n_embd, n_head) of the released GPT-2 checkpoints; `init: random` builds these exactly.
+GPT2_SIZES: dict[str, tuple[int, int, int]] = {
+    "distilgpt2": (6, 768, 12),
+    "gpt2": (12, 768, 12),
+    "gpt2-medium": (24, 1024, 16),
+    "gpt2-large": (36, 1280, 20),
+    "gpt2-xl": (48, 1600, 25),
+}
+GPT2_CONTEXT = 1024
+GPT2_VOCAB = 50257
+
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SpecialTokens(Section):
+    bos: str | None = Field(None, description="Beginning-of-text token; GPT-2's is <|endoftext|>.")
+    eos: str | None = Field(None, description="End-of-text token; GPT-2's is <|endoftext|>.")
+    pad: str | None = Field(None, description="Padding token; when unset, eos is used for padding (masked out of the loss).")
+    additional: list[str] = Field(default_factory=list, description="Extra tokens such as <BOS>, <EOS>, JOKE:.")
+
+
+class ModelConfig(Section):
+    name: str = Field("gpt2", description="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | distilgpt2, a hub id, or a local folder.")
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="pretrained: from_pretrained(name). random: the exact architecture of a named size, random weights."
+    )
+    n_layer: int | None = Field(None, gt=0, description="random init only: override the number of blocks (tiny test models).")
+    n_embd: int | None = Field(None, gt=0, description="random init only: override the hidden size.")
+    n_head: int | None = Field(None, gt=0, description="random init only: override the number of heads.")
+    n_positions: int | None = Field(None, gt=0, description="random init only: override the context length.")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="Override resid/embd/attn dropout (GPT-2 uses 0.1).")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="sdpa uses flash/mem-efficient kernels on GPU.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder; default: the vendored GPT-2 BPE files.")
+    special_tokens: SpecialTokens = Field(default_factory=SpecialTokens)
+    trust_remote_code: bool = Field(False, description="Passed to from_pretrained; only set for code you trust.")
+
+    @property
+    def size(self) -> str | None:
+        return self.name if self.name in GPT2_SIZES else None
+
+
+class DataConfig(Section):
+    train_file: str | None = Field(None, description="Text (one document per line) or JSONL; unset: the shipped sample corpus.")
+    validation_file: str | None = Field(None, description="Unset: the sample corpus' validation split, or validation_split of train.")
+    test_file: str | None = None
+    format: Literal["auto", "text", "jsonl"] = Field("auto", description="auto: by extension (.jsonl/.json -> jsonl).")
+    text_field: str = Field("text", description="JSONL field holding the text.")
+    mode: Literal["packed", "line_by_line"] = Field(
+        "packed", description="packed: documents joined with EOS into full blocks (no padding). line_by_line: one example per line, dynamic padding."
+    )
+    block_size: int = Field(1024, gt=1, description="Tokens per example (sequence length).")
+    long_lines: Literal["split", "truncate"] = Field("split", description="line_by_line: lines longer than block_size are split or cut.")
+    validation_split: float = Field(0.0, ge=0.0, lt=0.5, description="Fraction of train held out when no validation file is given.")
+    num_proc: int | None = Field(None, gt=0, description="Tokenizer worker processes (default: 1 for small corpora).")
+    cache_dir: str | None = Field(None, description="Tokenized-data cache; default ~/.cache/gpt2-memengine.")
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(False, description="Train low-rank adapters only: no grads/optimizer state for the base weights.")
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+
+
+class FreezeConfig(Section):
+    embeddings: bool = Field(False, description="Freeze token+position embeddings (and the tied LM head).")
+    first_n_blocks: int = Field(0, ge=0, description="Freeze the first k transformer blocks (ULMFiT-style).")
+
+
+class MemoryConfig(Section):
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="fp16/bf16 halve activation memory; fp16 uses dynamic loss scaling (T4: fp16 only)."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0, description="ZeRO: 1 shards optimizer state, 2 also gradients, 3 also parameters, across ranks."
+    )
+    offload_optimizer: bool = Field(False, description="Keep optimizer state (and its step) in CPU RAM: frees 12 B/param of GPU memory.")
+    offload_params: bool = Field(False, description="ZeRO-3 only: keep parameters in CPU RAM between uses.")
+    activation_checkpointing: bool = Field(
+        False, description="Keep only block inputs; recompute the rest in backward (about one extra forward)."
+    )
+    checkpoint_every_n_layers: int = Field(1, gt=0, description="Checkpoint every k-th block (1 = all): trades memory back for speed.")
+    fused_gelu: bool = Field(
+        True, description="Replace GPT-2's 5-op GELU by one gelu(approximate='tanh'): same function, ~1/3 fewer activations."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "cpu_adam"] = Field(
+        "adamw",
+        description="adamw (fp32 states, 8 B/param); adamw_8bit / paged_adamw_8bit (bitsandbytes, 2 B/param); cpu_adam (DeepSpeedCPUAdam, needs offload).",
+    )
+    lr: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Max global grad norm; null disables clipping.")
+
+
+class ScheduleConfig(Section):
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final lr as a fraction of optim.lr.")
+
+
+class TrainConfig(Section):
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per rank per forward pass.")
+    grad_accum_steps: int = Field(1, gt=0)
+    global_batch_size: int | None = Field(
+        None, gt=0, description="If set, grad_accum_steps is derived: global = micro x accum x world size."
+    )
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; unset: run `epochs` epochs.")
+    epochs: int = Field(1, gt=0)
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "torch", "deepspeed"] = Field(
+        "auto", description="auto: deepspeed under a distributed launcher or with ZeRO > 0, else plain torch."
+    )
+    deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON merged over the generated one.")
+
+
+class EvalConfig(Section):
+    every_n_steps: int = Field(50, ge=0, description="0 disables periodic eval.")
+    max_batches: int | None = Field(None, gt=0, description="Cap validation batches per eval.")
+    at_end: bool = True
+
+
+class CheckpointConfig(Section):
+    every_n_steps: int = Field(0, ge=0, description="0: only at the end.")
+    keep_last: int = Field(2, gt=0)
+    resume: bool | str = Field(False, description="true: newest checkpoint in output_dir; or a checkpoint path.")
+    export_merged_lora: bool = Field(True, description="Also save the LoRA adapter merged into the base weights.")
+
+
+class LoggingConfig(Section):
+    output_dir: str = "runs/default"
+    log_every: int = Field(10, gt=0)
+    progress: bool = True
+    tensorboard: bool = False
+    overwrite: bool = Field(False, description="Allow reusing an output_dir that holds another run.")
+
+
+class SampleConfig(Section):
+    prompt: str = "Once upon a time"
+    max_new_tokens: int = Field(40, ge=0, description="0 disables the end-of-run sample.")
+    temperature: float = Field(0.8, gt=0.0)
+    top_k: int = Field(50, ge=0)
+
+
+class RunConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "RunConfig":
+        check_combinations(self)
+        return self
+
+
+def check_combinations(cfg: RunConfig) -> None:
+    """Reject feature combinations that cannot work, saying what to change."""
+    m, o, t = cfg.memory, cfg.optim, cfg.train
+    if m.offload_optimizer and m.zero_stage == 0:
+        raise ValueError("memory.offload_optimizer needs ZeRO: set memory.zero_stage to 1, 2 or 3")
+    if m.offload_params and m.zero_stage != 3:
+        raise ValueError("memory.offload_params needs memory.zero_stage=3 (only ZeRO-3 partitions parameters)")
+    if o.name in BNB_OPTIMIZERS and (m.offload_optimizer or m.offload_params):
+        raise ValueError(
+            f"optim.name={o.name} cannot run on offloaded optimizer state (bitsandbytes kernels need the states on the "
+            "device): use optim.name=cpu_adam (or adamw) with offload, or set memory.offload_optimizer=false"
+        )
+    if o.name == "cpu_adam" and not m.offload_optimizer:
+        raise ValueError("optim.name=cpu_adam (DeepSpeedCPUAdam) needs memory.offload_optimizer=true; otherwise use optim.name=adamw")
+    if m.zero_stage > 0 and t.backend == "torch":
+        raise ValueError(f"memory.zero_stage={m.zero_stage} needs the DeepSpeed backend: set train.backend=deepspeed (or auto)")
+    if m.checkpoint_every_n_layers > 1 and not m.activation_checkpointing:
+        raise ValueError("memory.checkpoint_every_n_layers is set but memory.activation_checkpointing=false: enable it or remove the key")
+    if m.lora.enabled and (m.freeze.embeddings or m.freeze.first_n_blocks):
+        raise ValueError("memory.lora and memory.freeze are alternatives: LoRA already freezes every base weight; disable one")
+    if cfg.model.init == "pretrained" and any(
+        v is not None for v in (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.n_positions)
+    ):
+        raise ValueError("model.n_layer/n_embd/n_head/n_positions only apply to model.init=random")
+    n_embd, n_head = cfg.model.n_embd, cfg.model.n_head
+    if cfg.model.size and (n_embd or n_head):
+        base = GPT2_SIZES[cfg.model.size]
+        n_embd, n_head = n_embd or base[1], n_head or base[2]
+    if n_embd and n_head and n_embd % n_head:
+        raise ValueError(f"model.n_embd={n_embd} must be divisible by model.n_head={n_head}")
+    context = cfg.model.n_positions or GPT2_CONTEXT
+    if cfg.model.init == "random" and cfg.data.block_size > context:
+        raise ValueError(f"data.block_size={cfg.data.block_size} exceeds the model's context of {context} tokens")
+    if m.freeze.first_n_blocks:
+        n_layer = cfg.model.n_layer or (GPT2_SIZES[cfg.model.size][0] if cfg.model.size else None)
+        if n_layer is not None and m.freeze.first_n_blocks >= n_layer:
+            raise ValueError(f"memory.freeze.first_n_blocks={m.freeze.first_n_blocks} would freeze all {n_layer} blocks")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _flatten_keys(d: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        keys.append(path)
+        if isinstance(v, dict):
+            keys.extend(_flatten_keys(v, path + "."))
+    return keys
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`optim.lr=3e-5` -> ("optim.lr", 3e-05); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=3e-5)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p}")
+    if p.is_dir():
+        raise ConfigError(f"config path is a directory, not a YAML file: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte offset {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {p}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections (model:, data:, ...), got {type(data).__name__}")
+    return data
+
+
+def load_config(paths: list[str] | str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Merge YAML files (later wins) and dotted overrides, then validate.
+
+    Errors name the offending key and where it came from (file or command line).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [str(paths)]
+    merged: dict = {}
+    source: dict[str, str] = {}
+    for p in paths or []:
+        data = read_yaml(p)
+        for k in _flatten_keys(data):
+            source[k] = str(p)
+        merged = _deep_merge(merged, data)
+    for o in overrides or []:
+        key, value = parse_override(o)
+        source[key] = "the command line"
+        merged = _deep_merge(merged, _nest(key, value))
+    return validate_dict(merged, source)
+
+
+def validate_dict(data: dict, source: dict[str, str] | None = None) -> RunConfig:
+    source = source or {}
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None
+
+
+def _describe(e: ValidationError, source: dict[str, str]) -> str:
+    parts = []
+    for err in e.errors():
+        loc = [str(x) for x in err["loc"]]
+        # pydantic appends union/literal branch names; keep the dotted path of real keys only
+        key = ".".join(x for x in loc if not x.startswith(("function-", "literal[")))
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] == "extra_forbidden":
+            section = ".".join(loc[:-1])
+            known = _known_keys(section)
+            msg = f"unknown key (known keys{' in ' + section if section else ''}: {', '.join(known)})"
+        where = _source_of(key, source)
+        if key:
+            parts.append(f"{key}: {msg}" + (f" (from {where})" if where else ""))
+        else:
+            parts.append(msg + (f" (from {', '.join(sorted(set(source.values())))})" if source else ""))
+    return "invalid config: " + "; ".join(parts)
+
+
+def _source_of(key: str, source: dict[str, str]) -> str | None:
+    while key:
+        if key in source:
+            return source[key]
+        key = key.rpartition(".")[0]
+    return None
+
+
+def _known_keys(section: str) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in [p for p in section.split(".") if p]:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_schema(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf: drives `engine train --help-config`."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_schema(ann, prefix + name + "."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((prefix + name, repr(default), field.description or ""))
+    return rows

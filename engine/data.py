@@ -1,0 +1,292 @@
+"""Text / JSONL files -> validated -> tokenized (cached, `datasets`) -> packed or line-by-line examples.
+
+Every input problem (missing, empty, binary, non-UTF-8, bad JSONL, too small) is a `DataError`
+raised before a model is built, so a bad path never costs a model load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import DataConfig, ModelConfig
+from engine.errors import DataError
+
+ASSETS = Path(__file__).parent / "assets"
+TOKENIZER_DIR = ASSETS / "gpt2-tokenizer"
+SAMPLE_CORPUS = {"train": ASSETS / "corpus" / "train.txt", "validation": ASSETS / "corpus" / "valid.txt",
+                 "test": ASSETS / "corpus" / "test.txt"}
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """The vendored GPT-2 BPE (all GPT-2 sizes share it) unless a folder with its own tokenizer is given."""
+    from transformers import AutoTokenizer, GPT2TokenizerFast
+
+    folder = model_cfg.tokenizer
+    if folder is None and Path(model_cfg.name).is_dir() and any(
+        (Path(model_cfg.name) / f).exists() for f in ("tokenizer.json", "vocab.json")
+    ):
+        folder = model_cfg.name
+    if folder is None:
+        tok = GPT2TokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    else:
+        if not Path(folder).is_dir():
+            raise DataError(f"model.tokenizer: {folder} is not a folder with tokenizer files")
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code)
+    st = model_cfg.special_tokens
+    special = {k: v for k, v in (("bos_token", st.bos), ("eos_token", st.eos), ("pad_token", st.pad)) if v}
+    if special:
+        tok.add_special_tokens(special)
+    if st.additional:
+        tok.add_special_tokens({"additional_special_tokens": list(st.additional)})
+    if tok.eos_token is None:
+        tok.add_special_tokens({"eos_token": "<|endoftext|>"})
+    if tok.pad_token is None:
+        # Pad positions are masked out of attention and loss, so reusing EOS is safe and adds no embedding row.
+        tok.pad_token = tok.eos_token
+    tok.model_max_length = 10**9  # the data pipeline enforces block_size itself
+    return tok
+
+
+def tokenizer_fingerprint(tok) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    h.update(json.dumps([tok.bos_token, tok.eos_token, tok.pad_token]).encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def _file_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    return "jsonl" if path.suffix.lower() in (".jsonl", ".json", ".ndjson") else "text"
+
+
+def read_documents(path: str | os.PathLike, fmt: str = "auto", text_field: str = "text") -> list[str]:
+    """Validated documents of one file: one per non-empty line (text) or per JSON line (jsonl)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file not found: {p}")
+    if p.is_dir():
+        raise DataError(f"data path is a directory, not a file: {p}")
+    raw = p.read_bytes()
+    if not raw.strip():
+        raise DataError(f"data file is empty: {p}")
+    nul = raw.find(b"\x00", 0, 8192)
+    if nul >= 0:
+        raise DataError(f"data file looks binary (NUL byte at offset {nul}): {p}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file is not valid UTF-8: {p} (byte offset {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    docs: list[str] = []
+    if _file_format(p, fmt) == "jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p} line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or text_field not in obj:
+                raise DataError(f"{p} line {lineno}: no {text_field!r} field (set data.text_field)")
+            if not isinstance(obj[text_field], str):
+                raise DataError(f"{p} line {lineno}: field {text_field!r} is not a string")
+            if obj[text_field].strip():
+                docs.append(obj[text_field])
+    else:
+        docs = [line for line in text.splitlines() if line.strip()]
+    if not docs:
+        raise DataError(f"data file has no text: {p}")
+    return docs
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def _tokenize_docs(docs: list[str], tok, cfg: DataConfig, cache_key: str | None):
+    """Token ids per document (EOS appended), through `datasets` so large corpora use num_proc and a disk cache."""
+    from datasets import Dataset, load_from_disk
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    cache_root = Path(cfg.cache_dir or os.environ.get("ENGINE_CACHE", Path.home() / ".cache" / "gpt2-memengine"))
+    cache_path = cache_root / "tokenized" / cache_key if cache_key else None
+    if cache_path is not None and (cache_path / "dataset_info.json").exists():
+        try:
+            return load_from_disk(str(cache_path))["ids"]
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            pass
+    eos = tok.eos_token_id
+    num_proc = cfg.num_proc if cfg.num_proc and len(docs) > 10_000 else None
+
+    def encode(batch):
+        return {"ids": [ids + [eos] for ids in tok(batch["text"], add_special_tokens=False)["input_ids"]]}
+
+    ds = Dataset.from_dict({"text": docs}).map(encode, batched=True, remove_columns=["text"], num_proc=num_proc)
+    if cache_path is not None:
+        tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
+        try:
+            ds.save_to_disk(str(tmp))
+            os.replace(tmp, cache_path)
+        except OSError:
+            pass  # caching is an optimisation; a read-only cache dir must not stop training
+    return ds["ids"]
+
+
+def pack(token_lists: list[list[int]], block_size: int) -> torch.Tensor:
+    """Concatenate documents (already EOS-terminated) and cut into full blocks; the tail is dropped."""
+    flat = torch.tensor([t for ids in token_lists for t in ids], dtype=torch.long)
+    n = flat.numel() // block_size
+    return flat[: n * block_size].view(n, block_size)
+
+
+def split_long(token_lists: list[list[int]], block_size: int, how: str) -> list[list[int]]:
+    out = []
+    for ids in token_lists:
+        if len(ids) <= block_size:
+            out.append(ids)
+        elif how == "truncate":
+            out.append(ids[:block_size])
+        else:
+            out.extend(ids[i : i + block_size] for i in range(0, len(ids), block_size) if len(ids[i : i + block_size]) > 1)
+    return out
+
+
+@dataclass
+class TokenizedSplit:
+    """Examples of one split: a [N, block] tensor (packed) or a list of id lists (line_by_line)."""
+
+    name: str
+    mode: str
+    examples: torch.Tensor | list[list[int]]
+    n_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def build_split(name: str, path: Path, tok, cfg: DataConfig, docs: list[str] | None = None) -> TokenizedSplit:
+    if docs is None:
+        docs = read_documents(path, cfg.format, cfg.text_field)
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode("utf-8"))
+        h.update(b"\n")
+    key = f"{h.hexdigest()[:20]}-{tokenizer_fingerprint(tok)}"
+    ids = [list(x) for x in _tokenize_docs(docs, tok, cfg, key)]
+    if cfg.mode == "packed":
+        blocks = pack(ids, cfg.block_size)
+        if len(blocks) == 0:
+            total = sum(len(x) for x in ids)
+            raise DataError(
+                f"{name} data {path} has {total} tokens, fewer than one block of data.block_size={cfg.block_size}: "
+                "add text or lower data.block_size"
+            )
+        return TokenizedSplit(name, "packed", blocks, blocks.numel())
+    examples = split_long(ids, cfg.block_size, cfg.long_lines)
+    return TokenizedSplit(name, "line_by_line", examples, sum(len(x) for x in examples))
+
+
+def load_splits(cfg: DataConfig, tok, with_test: bool = False) -> dict[str, TokenizedSplit]:
+    """train and validation (and test), validated and tokenized."""
+    train_path = Path(cfg.train_file) if cfg.train_file else SAMPLE_CORPUS["train"]
+    if cfg.validation_file:
+        val_path = Path(cfg.validation_file)
+    elif cfg.train_file is None:
+        val_path = SAMPLE_CORPUS["validation"]
+    else:
+        val_path = None
+    # Validate every file before tokenizing any, so the first error is reported cheaply.
+    train_docs = read_documents(train_path, cfg.format, cfg.text_field)
+    val_docs = read_documents(val_path, cfg.format, cfg.text_field) if val_path else None
+    test_path = Path(cfg.test_file) if cfg.test_file else (SAMPLE_CORPUS["test"] if with_test and cfg.train_file is None else None)
+    test_docs = read_documents(test_path, cfg.format, cfg.text_field) if test_path and with_test else None
+    if val_docs is None and cfg.validation_split > 0:
+        n_val = max(1, int(len(train_docs) * cfg.validation_split))
+        if n_val >= len(train_docs):
+            raise DataError(f"{train_path} has {len(train_docs)} documents: too few to hold out data.validation_split")
+        train_docs, val_docs = train_docs[:-n_val], train_docs[-n_val:]
+        val_path = train_path
+    out = {"train": build_split("train", train_path, tok, cfg, train_docs)}
+    if val_docs is not None:
+        out["validation"] = build_split("validation", val_path, tok, cfg, val_docs)
+    if test_docs is not None:
+        out["test"] = build_split("test", test_path, tok, cfg, test_docs)
+    return out
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def collate(examples: list, pad_id: int, mode: str) -> dict[str, torch.Tensor]:
+    """input_ids/attention_mask/labels; line_by_line pads to the batch's longest and masks pads out of the loss."""
+    if mode == "packed":
+        ids = torch.stack(list(examples)) if not isinstance(examples, torch.Tensor) else examples
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    width = max(len(x) for x in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, x in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class StepSampler:
+    """Deterministic global batches: epoch e uses permutation(seed + e); step s takes its slice.
+
+    A global batch of micro x accum x world examples is laid out as [accum][world][micro], so rank r's
+    a-th micro-batch is the same examples whatever the split between accumulation and ranks, and the
+    position (epoch, step-in-epoch) is all a resume needs.
+    """
+
+    def __init__(self, split: TokenizedSplit, micro: int, accum: int, world: int, rank: int, seed: int, pad_id: int):
+        self.split, self.micro, self.accum, self.world, self.rank = split, micro, accum, world, rank
+        self.seed, self.pad_id = seed, pad_id
+        self.global_batch = micro * accum * world
+        self.steps_per_epoch = len(split) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"train data yields {len(split)} examples but one optimizer step needs {self.global_batch} "
+                f"(micro_batch_size {micro} x grad_accum_steps {accum} x world size {world}): add text or lower "
+                "data.block_size / train.micro_batch_size"
+            )
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.split), generator=g)
+
+    def micro_batches(self, epoch: int, step_in_epoch: int, perm: torch.Tensor | None = None) -> list[dict]:
+        perm = self.permutation(epoch) if perm is None else perm
+        idx = perm[step_in_epoch * self.global_batch : (step_in_epoch + 1) * self.global_batch]
+        out = []
+        for a in range(self.accum):
+            start = (a * self.world + self.rank) * self.micro
+            mine = idx[start : start + self.micro].tolist()
+            out.append(collate([self.split.examples[i] for i in mine], self.pad_id, self.split.mode))
+        return out
+
+
+def eval_batches(split: TokenizedSplit, batch_size: int, pad_id: int, max_batches: int | None = None) -> list[dict]:
+    n = len(split)
+    batches = []
+    for start in range(0, n, batch_size):
+        batches.append(collate([split.examples[i] for i in range(start, min(n, start + batch_size))], pad_id, split.mode))
+        if max_batches and len(batches) >= max_batches:
+            break
+    return batches

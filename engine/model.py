@@ -1,0 +1,177 @@
+"""Build GPT-2 (by name, local path or random init of a named size) with its memory features applied.
+
+Each model-side memory feature is applied here and only here, so training, the simulator and the
+benchmarks all run the same module graph:
+  fused GELU swap -> activation checkpointing -> LoRA (peft) or freezing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.config import GPT2_CONTEXT, GPT2_SIZES, GPT2_VOCAB, RunConfig
+from engine.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def gpt2_config(cfg: RunConfig, vocab_size: int = GPT2_VOCAB):
+    """The transformers GPT2Config for `model.init: random` (exact architecture of a named size + overrides)."""
+    from transformers import GPT2Config
+
+    m = cfg.model
+    if m.size is None and not all((m.n_layer, m.n_embd, m.n_head)):
+        raise ModelLoadError(
+            f"model.init=random needs a named size ({', '.join(GPT2_SIZES)}) or model.n_layer/n_embd/n_head; got {m.name!r}"
+        )
+    n_layer, n_embd, n_head = GPT2_SIZES.get(m.size or "", (None, None, None))
+    kw = dict(
+        vocab_size=vocab_size,
+        n_positions=m.n_positions or GPT2_CONTEXT,
+        n_layer=m.n_layer or n_layer,
+        n_embd=m.n_embd or n_embd,
+        n_head=m.n_head or n_head,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    if m.dropout is not None:
+        kw.update(resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout)
+    return GPT2Config(**kw)
+
+
+def load_base_model(cfg: RunConfig, vocab_size: int, task: str = "causal_lm") -> nn.Module:
+    """GPT2LMHeadModel in fp32 (precision is applied by the backend), weights random or pretrained."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    m = cfg.model
+    if m.init == "random":
+        torch.manual_seed(cfg.train.seed)
+        config = gpt2_config(cfg, vocab_size=GPT2_VOCAB)
+        config._attn_implementation = m.attn_implementation
+        model = GPT2LMHeadModel(config)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                m.name,
+                attn_implementation=m.attn_implementation,
+                dtype=torch.float32,
+                trust_remote_code=m.trust_remote_code,
+            )
+        except (OSError, ValueError) as e:
+            is_path = os.sep in m.name or Path(m.name).exists() or m.name.startswith(".")
+            if is_path:
+                raise ModelLoadError(
+                    f"could not load model from {m.name}: {str(e).splitlines()[0]} "
+                    "(the folder needs config.json and model.safetensors from save_pretrained)"
+                ) from None
+            raise ModelLoadError(
+                f"could not load {m.name!r} from the model hub (offline or unknown name): download it elsewhere and pass "
+                f"model.name=/path/to/{m.name}, or set model.init=random to build its architecture with random weights"
+            ) from None
+        if m.dropout is not None:
+            for mod in model.modules():
+                if isinstance(mod, nn.Dropout):
+                    mod.p = m.dropout
+            model.config.attn_pdrop = m.dropout  # read by the attention kernel call, not an nn.Dropout
+    if vocab_size > model.get_input_embeddings().weight.shape[0]:
+        # New special tokens: grow wte (the tied lm_head follows). Rounded to a multiple of 64 would be faster on
+        # GPU, but would change the exported vocabulary size users see, so keep it exact.
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return model
+
+
+def apply_fused_gelu(model: nn.Module) -> int:
+    """Swap GPT-2's five-op NewGELUActivation for the single-op tanh GELU (same function, saves 1 tensor not 5)."""
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    n = 0
+    for mod in model.modules():
+        for name, child in mod.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(mod, name, ACT2FN["gelu_pytorch_tanh"])
+                n += 1
+    return n
+
+
+def apply_activation_checkpointing(model: nn.Module, every_n_layers: int) -> None:
+    # use_reentrant=False: works with frozen inputs (LoRA/freeze) and keyword args, and composes with ZeRO-3.
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every_n_layers
+    )
+    # The KV cache is useless in training and conflicts with recompute.
+    model.config.use_cache = False
+
+
+def apply_freeze(model: nn.Module, embeddings: bool, first_n_blocks: int) -> None:
+    tr = model.transformer
+    if embeddings:
+        # lm_head is tied to wte, so freezing wte freezes the output projection too.
+        for p in list(tr.wte.parameters()) + list(tr.wpe.parameters()):
+            p.requires_grad_(False)
+    for block in tr.h[:first_n_blocks]:
+        for p in block.parameters():
+            p.requires_grad_(False)
+
+
+def apply_lora(model: nn.Module, cfg: RunConfig, extra_trainable: list[str] | None = None) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.memory.lora
+    peft_cfg = LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=list(lc.target_modules),
+        fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as [in, out]
+        bias="none",
+        task_type="CAUSAL_LM",
+        modules_to_save=extra_trainable,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def build_model(cfg: RunConfig, vocab_size: int) -> nn.Module:
+    """The trainable model with every model-side memory feature of `cfg.memory` applied (fp32 weights)."""
+    model = load_base_model(cfg, vocab_size)
+    mem = cfg.memory
+    if mem.fused_gelu:
+        apply_fused_gelu(model)
+    if mem.activation_checkpointing:
+        apply_activation_checkpointing(model, mem.checkpoint_every_n_layers)
+    if mem.lora.enabled:
+        model = apply_lora(model, cfg)
+    elif mem.freeze.embeddings or mem.freeze.first_n_blocks:
+        apply_freeze(model, mem.freeze.embeddings, mem.freeze.first_n_blocks)
+    if mem.activation_checkpointing and (mem.lora.enabled or mem.freeze.embeddings):
+        # With frozen embeddings the first block's input has no grad; non-reentrant checkpointing handles that,
+        # but HF's helper also makes the embedding output require grad, which costs nothing and is robust.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.enable_input_require_grads()
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under DeepSpeed/peft wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    seen, total, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return {"total": total, "trainable": trainable}

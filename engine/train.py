@@ -1,0 +1,220 @@
+"""THE step loop: data -> model -> backend, eval, metrics, checkpoints, export, sample.
+
+Everything memory-related happens in `engine/model.py` (module graph) and `engine/backends/`
+(precision, ZeRO, optimizer); this file only sequences a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine.backends.base import Backend
+from engine.checkpoint import export_model, load_trainer_state, resolve_resume, save_checkpoint
+from engine.config import RunConfig, config_to_yaml
+from engine.data import StepSampler, eval_batches, load_splits, load_tokenizer
+from engine.distributed import DistEnv, dist_env
+from engine.errors import ConfigError, EngineError
+from engine.memory.meter import MemoryMeter
+from engine.model import build_model, parameter_counts
+
+
+def choose_backend(cfg: RunConfig, env: DistEnv) -> str:
+    if cfg.train.backend != "auto":
+        if cfg.train.backend == "torch" and env.launched:
+            raise ConfigError(
+                f"train.backend=torch runs one process but the launcher started {env.world_size}: use train.backend=deepspeed"
+            )
+        return cfg.train.backend
+    return "deepspeed" if env.launched or cfg.memory.zero_stage > 0 else "torch"
+
+
+def make_backend(cfg: RunConfig, env: DistEnv, model, total_steps: int) -> Backend:
+    if choose_backend(cfg, env) == "deepspeed":
+        from engine.backends.deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg, env, model, total_steps)
+    from engine.backends.torch_backend import TorchBackend
+
+    return TorchBackend(cfg, env, model, total_steps)
+
+
+def _say(env: DistEnv, *msg) -> None:
+    if env.is_main:
+        print(*msg, flush=True)
+
+
+def check_output_dir(cfg: RunConfig, resuming: bool) -> Path:
+    """Never silently overwrite another run's results."""
+    out = Path(cfg.logging.output_dir)
+    if out.exists() and not out.is_dir():
+        raise EngineError(f"logging.output_dir {out} exists and is not a folder")
+    marker = out / "run.json"
+    if marker.exists() and not resuming and not cfg.logging.overwrite:
+        raise EngineError(
+            f"{out} already holds a run: pass checkpoint.resume=true to continue it, logging.overwrite=true to replace "
+            "it, or choose another logging.output_dir"
+        )
+    return out
+
+
+def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
+    env = dist_env()
+    torch.manual_seed(cfg.train.seed)
+    out = check_output_dir(cfg, resuming=bool(cfg.checkpoint.resume))
+    resume_from = resolve_resume(cfg.checkpoint.resume, out, warn=lambda m: _say(env, m))
+
+    # Data first: a bad file costs seconds, not a gpt2-xl load.
+    tok = load_tokenizer(cfg.model)
+    splits = load_splits(cfg.data, tok)
+    from engine.backends.deepspeed_backend import grad_accum_steps
+
+    accum = grad_accum_steps(cfg, env.world_size)
+    sampler = StepSampler(splits["train"], cfg.train.micro_batch_size, accum, env.world_size, env.rank, cfg.train.seed,
+                          tok.pad_token_id)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * sampler.steps_per_epoch
+    backend_name = choose_backend(cfg, env)
+    plan = {
+        "backend": backend_name,
+        "world_size": env.world_size,
+        "grad_accum_steps": accum,
+        "global_batch": sampler.global_batch,
+        "train_examples": len(splits["train"]),
+        "steps_per_epoch": sampler.steps_per_epoch,
+        "total_steps": total_steps,
+        "tokens_per_step": sampler.global_batch * cfg.data.block_size,
+    }
+    if dry_run:
+        if backend_name == "deepspeed":
+            from engine.backends.deepspeed_backend import make_ds_config
+
+            plan["deepspeed_config"] = make_ds_config(cfg, env.world_size, "cuda" if torch.cuda.is_available() else "cpu")
+        _say(env, config_to_yaml(cfg))
+        _say(env, json.dumps(plan, indent=2))
+        return plan
+
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_to_yaml(cfg))
+        (out / "run.json").write_text(json.dumps({"plan": plan, "started": time.time()}, indent=2))
+
+    model = build_model(cfg, vocab_size=len(tok))
+    counts = parameter_counts(model)
+    backend = make_backend(cfg, env, model, total_steps)
+    _say(env, f"model {cfg.model.name} ({cfg.model.init}): {counts['total']:,} params, {counts['trainable']:,} trainable | "
+              f"backend {backend.name} x{env.world_size} on {backend.device} | {cfg.memory.precision} | "
+              f"{total_steps} steps of {sampler.global_batch} x {cfg.data.block_size} tokens")
+
+    step, tokens_seen, best_val = 0, 0, math.inf
+    if resume_from is not None:
+        backend.load(resume_from)
+        st = load_trainer_state(resume_from, env.rank)
+        step, tokens_seen, best_val = st["step"], st["tokens_seen"], st.get("best_val", math.inf)
+        _say(env, f"resumed from {resume_from} at step {step}")
+
+    meter = MemoryMeter(backend.device)
+    metrics_path = out / "metrics.jsonl"
+    metrics = open(metrics_path, "a", encoding="utf-8") if env.is_main else None
+    val = splits.get("validation")
+    val_batches = eval_batches(val, cfg.train.micro_batch_size, tok.pad_token_id, cfg.eval.max_batches) if val else []
+
+    def log(rec: dict) -> None:
+        if metrics:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+
+    def evaluate() -> dict:
+        mine = val_batches[env.rank :: env.world_size]
+        # Every rank must run the same number of forwards (ZeRO-3 gathers weights collectively): pad with
+        # zero-weight repeats.
+        n_max = math.ceil(len(val_batches) / env.world_size)
+        weights = [1.0] * len(mine) + [0.0] * (n_max - len(mine))
+        mine = mine + [val_batches[0]] * (n_max - len(mine))
+        s, n = backend.eval_loss(mine, weights)
+        loss = s / max(n, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+
+    def checkpoint(step: int) -> None:
+        state = {"step": step, "tokens_seen": tokens_seen, "best_val": best_val,
+                 "epoch": step // sampler.steps_per_epoch, "world_size": env.world_size,
+                 "global_batch": sampler.global_batch, "vocab_size": len(tok)}
+        path = save_checkpoint(backend, step, state, out, cfg.checkpoint.keep_last)
+        _say(env, f"checkpoint saved: {path}")
+
+    pbar = None
+    if env.is_main and cfg.logging.progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    first_loss = last_loss = None
+    t_last, tok_last = time.perf_counter(), tokens_seen
+    perm_epoch, perm = -1, None
+    start_step = step
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, sampler.steps_per_epoch)
+        if epoch != perm_epoch:
+            perm_epoch, perm = epoch, sampler.permutation(epoch)
+        stats = backend.train_step(sampler.micro_batches(epoch, in_epoch, perm))
+        step += 1
+        tokens_seen += stats.tokens
+        first_loss = stats.loss if first_loss is None else first_loss
+        last_loss = stats.loss
+        now = time.perf_counter()
+        tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
+        t_last, tok_last = now, tokens_seen
+        rec = {"step": step, "epoch": epoch, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+               "tokens": tokens_seen, "tokens_per_s": tps, "peak_mem_mib": meter.peak_mib(), "skipped": stats.skipped}
+        if stats.loss_scale is not None:
+            rec["loss_scale"] = stats.loss_scale
+        log(rec)
+        if pbar:
+            pbar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{stats.lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+            pbar.update(1)
+        elif env.is_main and (step % cfg.logging.log_every == 0 or step == total_steps):
+            print(f"step {step}/{total_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} tok/s {tps:,.0f}", flush=True)
+        is_last = step == total_steps
+        if val_batches and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and not is_last:
+            ev = evaluate()
+            best_val = min(best_val, ev["val_loss"])
+            log({"step": step, **ev})
+            msg = f"step {step}: val_loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}"
+            (pbar.write(msg) if pbar else _say(env, msg))
+        if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and not is_last:
+            checkpoint(step)
+    if pbar:
+        pbar.close()
+
+    summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "tokens_seen": tokens_seen,
+               "peak_mem_mib": meter.peak_mib(), "params": counts}
+    if val_batches and cfg.eval.at_end:
+        ev = evaluate()
+        best_val = min(best_val, ev["val_loss"])
+        log({"step": step, **ev})
+        summary.update(ev)
+        _say(env, f"final: val_loss {ev['val_loss']:.4f} perplexity {ev['val_ppl']:.2f}")
+    if step > start_step or resume_from is None:
+        checkpoint(step)
+    with backend.full_weights() as full:
+        if env.is_main:
+            written = export_model(full, tok, out, merge_lora=cfg.checkpoint.export_merged_lora)
+            summary["export"] = {k: str(v) for k, v in written.items()}
+            for k, v in written.items():
+                print(f"exported {k}: {v}", flush=True)
+    backend.barrier()
+    if env.is_main:
+        if "model" in summary.get("export", {}) and cfg.sample.max_new_tokens:
+            from engine.generate import sample_text
+
+            text = sample_text(Path(summary["export"]["model"]), cfg.sample)
+            summary["sample"] = text
+            print(f"\nsample ({cfg.sample.prompt!r}):\n{text}\n", flush=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if metrics:
+        metrics.close()
+    return summary
