@@ -1,0 +1,89 @@
+"""Shared fixtures: a 2-layer GPT-2 on a small corpus the tests write, all on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying DNS
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+WORDS = ("the cat dog bird sat ran flew on under over a red blue green mat tree house and then slept ate "
+         "because it was warm cold day night in garden park").split()
+
+
+def write_corpus(path: Path, n_lines: int, seed: int, min_words: int = 6, max_words: int = 40) -> Path:
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
+                              for _ in range(n_lines)) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("corpus")
+    return {"train": write_corpus(d / "train.txt", 400, 1), "validation": write_corpus(d / "valid.txt", 40, 2)}
+
+
+def tiny_overrides(corpus: dict[str, Path], out: Path, **extra) -> dict:
+    """A 2-layer, 32-wide GPT-2 with dropout off (so runs are comparable), 32-token blocks."""
+    cfg = {
+        "model": {"name": "gpt2", "init": "random", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "dropout": 0.0},
+        "data": {"train_file": str(corpus["train"]), "validation_file": str(corpus["validation"]), "block_size": 32},
+        "optim": {"lr": 1e-3, "name": "adamw"},
+        "schedule": {"warmup_steps": 2},
+        "train": {"micro_batch_size": 4, "max_steps": 6, "seed": 7},
+        "eval": {"every_n_steps": 0, "max_batches": 4},
+        "logging": {"output_dir": str(out), "progress": False, "log_every": 100},
+        "sample": {"max_new_tokens": 0},
+        "checkpoint": {"every_n_steps": 0},
+    }
+    return deep_update(cfg, extra)
+
+
+def deep_update(base: dict, upd: dict) -> dict:
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def flat_overrides(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += flat_overrides(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={json.dumps(v) if not isinstance(v, str) else v}")
+    return out
+
+
+def train_losses(out_dir: Path) -> list[float]:
+    recs = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if "loss" in r]
+
+
+def run_inprocess(corpus, out: Path, **extra):
+    from engine.config import validate_dict
+    from engine.train import run_training
+
+    cfg = validate_dict(tiny_overrides(corpus, out, **extra))
+    summary = run_training(cfg)
+    return summary, train_losses(out)
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, launcher: list[str] | None = None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = (launcher or [sys.executable, "-m", "engine.cli"]) + args
+    return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,121 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.backends.deepspeed_backend import grad_accum_steps, make_ds_config
+from engine.cli import preset_dir
+from engine.config import describe_schema, load_config, parse_override, validate_dict
+from engine.errors import ConfigError
+
+PRESETS = sorted(preset_dir().glob("*.yaml"))
+
+
+def test_presets_exist():
+    names = {p.stem for p in PRESETS}
+    assert {"cpu_default", "gpt2-xl_full_t4", "gpt2-large_lora_8gb", "gpt2-xl_zero3_node", "gpt2-xl_zero2_offload"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_loads_and_builds_a_deepspeed_config(path):
+    cfg = load_config([path])
+    ds = make_ds_config(cfg, world_size=8, device_type="cuda")
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 8
+    assert ds["zero_optimization"]["stage"] == cfg.memory.zero_stage
+
+
+def test_overrides_are_typed_and_dotted(tmp_path):
+    cfg = load_config(None, ["optim.lr=3e-5", "memory.zero_stage=2", "memory.lora.target_modules=[c_attn]", "train.max_steps=7"])
+    assert cfg.optim.lr == 3e-5 and cfg.memory.zero_stage == 2 and cfg.memory.lora.target_modules == ["c_attn"]
+    assert parse_override("data.train_file=/a=b.txt") == ("data.train_file", "/a=b.txt")
+
+
+def test_later_file_wins(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("optim:\n  lr: 0.1\n  weight_decay: 0.5\n")
+    b.write_text("optim:\n  lr: 0.2\n")
+    cfg = load_config([a, b])
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (0.2, 0.5)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate: unknown key .*known keys in optim: name, lr.*from .*bad\.yaml"):
+        load_config([f])
+
+
+def test_wrong_type_names_key_and_source():
+    with pytest.raises(ConfigError, match=r"train\.micro_batch_size: .*integer.*from the command line"):
+        load_config(None, ["train.micro_batch_size=lots"])
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.micro_batch_size=0", "train.micro_batch_size"),
+    ("optim.lr=-1", "optim.lr"),
+    ("memory.zero_stage=4", "memory.zero_stage"),
+    ("data.mode=padded", "data.mode"),
+    ("memory.precision=fp8", "memory.precision"),
+])
+def test_bad_values(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["memory.zero_stage=2", "memory.offload_optimizer=true", "optim.name=adamw_8bit"],
+     "optim.name=adamw_8bit cannot run on offloaded optimizer state"),
+    (["memory.zero_stage=3", "memory.offload_optimizer=true", "optim.name=paged_adamw_8bit"],
+     "optim.name=paged_adamw_8bit cannot run on offloaded optimizer state"),
+    (["optim.name=cpu_adam"], "cpu_adam .* needs memory.offload_optimizer=true"),
+    (["memory.offload_optimizer=true"], "memory.offload_optimizer needs ZeRO"),
+    (["memory.zero_stage=2", "memory.offload_params=true"], "memory.offload_params needs memory.zero_stage=3"),
+    (["memory.zero_stage=2", "train.backend=torch"], "needs the DeepSpeed backend"),
+    (["memory.checkpoint_every_n_layers=2"], "activation_checkpointing=false"),
+    (["memory.lora.enabled=true", "memory.freeze.embeddings=true"], "LoRA already freezes"),
+    (["model.init=random", "model.n_positions=64", "data.block_size=128"], "exceeds the model's context of 64"),
+    (["model.init=random", "data.block_size=2048"], "exceeds the model's context of 1024"),
+    (["model.n_layer=2"], "only apply to model.init=random"),
+    (["model.init=random", "model.n_embd=100", "model.n_head=3"], "divisible"),
+    (["model.name=gpt2", "model.init=random", "memory.freeze.first_n_blocks=12"], "would freeze all 12 blocks"),
+])
+def test_incompatible_combinations_are_rejected(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_global_batch_must_divide_by_world_size():
+    cfg = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=12"])
+    assert grad_accum_steps(cfg, 1) == 3
+    with pytest.raises(ConfigError, match="not divisible by micro_batch_size 4 x world size 2 = 8"):
+        grad_accum_steps(cfg, 2)
+
+
+def test_ds_config_is_derived():
+    cfg = load_config(None, ["memory.zero_stage=3", "memory.offload_optimizer=true", "memory.offload_params=true",
+                             "optim.name=cpu_adam", "memory.precision=fp16", "train.micro_batch_size=2",
+                             "train.grad_accum_steps=4", "optim.grad_clip=0.5"])
+    ds = make_ds_config(cfg, world_size=2, device_type="cuda")
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 4
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert z["offload_param"]["device"] == "cpu"
+    assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    cpu = make_ds_config(cfg, world_size=2, device_type="cpu")
+    assert cpu["zero_optimization"]["offload_optimizer"]["pin_memory"] is False
+
+
+def test_user_deepspeed_json_is_merged(tmp_path):
+    cfg = load_config(None, ["memory.zero_stage=2"])
+    ds = make_ds_config(cfg, 1, "cuda", user_json={"zero_optimization": {"reduce_bucket_size": 123}, "wall_clock_breakdown": True})
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 123 and ds["zero_optimization"]["stage"] == 2
+    assert ds["wall_clock_breakdown"] is True
+
+
+def test_schema_describes_every_leaf():
+    keys = {k for k, _, _ in describe_schema()}
+    assert {"optim.lr", "memory.lora.r", "memory.zero_stage", "data.mode"} <= keys
+    memory_rows = [r for r in describe_schema() if r[0].startswith("memory.") and not r[0].startswith("memory.lora.")
+                   and not r[0].startswith("memory.freeze.")]
+    # every memory feature flag says what it saves
+    assert all(desc for _, _, desc in memory_rows)

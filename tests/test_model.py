@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from engine.config import GPT2_SIZES, validate_dict
+from engine.errors import ModelLoadError
+from engine.model import apply_fused_gelu, build_model, gpt2_config, load_base_model, parameter_counts
+
+# Parameter counts of the released checkpoints (tied LM head counted once).
+RELEASED = {"distilgpt2": 81_912_576, "gpt2": 124_439_808, "gpt2-medium": 354_823_168,
+            "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+
+
+@pytest.mark.parametrize("size", list(GPT2_SIZES))
+def test_random_init_builds_exact_architecture(size):
+    from transformers import GPT2LMHeadModel
+
+    cfg = validate_dict({"model": {"name": size, "init": "random"}})
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(gpt2_config(cfg))
+    assert parameter_counts(model)["total"] == RELEASED[size]
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_offline_name_gives_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = validate_dict({"model": {"name": "gpt2-xl"}})
+    with pytest.raises(ModelLoadError, match=r"model.name=/path/to/gpt2-xl, or set model.init=random"):
+        load_base_model(cfg, 50257)
+
+
+def test_missing_local_path_message(tmp_path):
+    cfg = validate_dict({"model": {"name": str(tmp_path / "nope")}})
+    with pytest.raises(ModelLoadError, match="could not load model from"):
+        load_base_model(cfg, 50257)
+
+
+def tiny(**mem):
+    return validate_dict({"model": {"init": "random", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64,
+                                    "dropout": 0.0}, "data": {"block_size": 32}, "memory": mem})
+
+
+def test_resize_keeps_embeddings_tied():
+    model = build_model(tiny(), vocab_size=50261)
+    assert model.transformer.wte.weight.shape[0] == 50261
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_fused_gelu_is_the_same_function_with_fewer_saved_tensors():
+    """Parity (logits within 1e-5) and the saving, counted as bytes saved for backward."""
+    torch.manual_seed(0)
+    ref = build_model(tiny(fused_gelu=False), 50257)
+    fused = build_model(tiny(fused_gelu=False), 50257)
+    fused.load_state_dict(ref.state_dict())
+    assert apply_fused_gelu(fused) == 2
+    x = torch.randint(0, 50257, (2, 32))
+    torch.testing.assert_close(fused(x).logits, ref(x).logits, atol=1e-5, rtol=1e-5)
+
+    def saved_bytes(model):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.transformer.h[0].mlp(torch.randn(1, 32, 32, requires_grad=True))
+        return total
+
+    assert saved_bytes(fused.cpu()) < saved_bytes(ref.cpu())
+
+
+def test_lora_only_adapters_train():
+    cfg = tiny(lora={"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"]})
+    model = build_model(cfg, 50257)
+    counts = parameter_counts(model)
+    # c_attn: in 32 -> out 96; c_fc: 32 -> 128; adapter = r*(in+out) per module, per layer
+    expected = 2 * (4 * (32 + 96) + 4 * (32 + 128))
+    assert counts["trainable"] == expected
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_freeze_first_blocks_and_embeddings():
+    model = build_model(tiny(freeze={"embeddings": True, "first_n_blocks": 1}), 50257)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "transformer.wte.weight" in frozen and "transformer.wpe.weight" in frozen
+    assert all(n.startswith(("transformer.h.0.", "transformer.w")) for n in frozen)
+    assert any(p.requires_grad for n, p in model.named_parameters() if n.startswith("transformer.h.1."))

@@ -1,0 +1,138 @@
+"""Parity of every memory feature on a 2-layer GPT-2 (CPU, fp32, dropout 0), export round trips, golden losses."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_inprocess, tiny_overrides
+from engine.config import validate_dict
+from engine.model import build_model
+
+# Recorded on CPU (torch 2.13.0) with tiny_overrides(): fixed seed, fp32, 6 AdamW steps.
+GOLDEN = [10.802644791141633, 10.795216221963205, 10.735283636277721, 10.675898398122479, 10.631910754788306,
+          10.612373598160282]
+
+
+def test_golden_losses(corpus, tmp_path):
+    summary, losses = run_inprocess(corpus, tmp_path / "run")
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    if GOLDEN is None:
+        pytest.fail(f"record GOLDEN = {losses}")  # pragma: no cover
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(GOLDEN), rtol=1e-4, atol=0)
+
+
+@pytest.fixture(scope="module")
+def baseline(corpus, tmp_path_factory):
+    return run_inprocess(corpus, tmp_path_factory.mktemp("base") / "run")[1]
+
+
+@pytest.mark.parametrize("memory", [
+    {"activation_checkpointing": True},
+    {"activation_checkpointing": True, "checkpoint_every_n_layers": 2},
+])
+def test_activation_checkpointing_parity(corpus, tmp_path, baseline, memory):
+    """Recompute gives the same numbers: losses within 1e-5 (fp32 reduction order only)."""
+    _, losses = run_inprocess(corpus, tmp_path / "run", memory=memory)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), rtol=0, atol=1e-5)
+
+
+def test_fused_gelu_parity(corpus, tmp_path, baseline):
+    """baseline runs fused (the default); GPT-2's own GELU must give the same losses within 1e-4."""
+    _, losses = run_inprocess(corpus, tmp_path / "run", memory={"fused_gelu": False})
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), rtol=0, atol=1e-4)
+
+
+def test_gradient_accumulation_parity(corpus, tmp_path, baseline):
+    """micro 2 x accum 2 is the same global batch as micro 4: token-weighted, so losses match within 1e-5."""
+    _, losses = run_inprocess(corpus, tmp_path / "run", train={"micro_batch_size": 2, "grad_accum_steps": 2})
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_adamw_tracks_adamw(corpus, tmp_path, baseline, name):
+    """8-bit states quantize m and v blockwise: losses stay within 1% of fp32 AdamW over 6 steps."""
+    _, losses = run_inprocess(corpus, tmp_path / "run", optim={"name": name})
+    assert losses[0] == pytest.approx(baseline[0], abs=1e-6)  # same first forward
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), rtol=1e-2, atol=0)
+    assert losses[-1] < losses[0]
+
+
+def test_bf16_autocast_tracks_fp32(corpus, tmp_path, baseline):
+    _, losses = run_inprocess(corpus, tmp_path / "run", memory={"precision": "bf16"})
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), rtol=2e-2, atol=0)
+
+
+def _trained_model(out: Path, cfg_dict: dict):
+    """Rebuild the model and load the final checkpoint's trainable weights (exactly what was trained)."""
+    cfg = validate_dict(cfg_dict)
+    model = build_model(cfg, 50257)
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")), strict=False)
+    return model.eval()
+
+
+def test_export_round_trip(corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    summary, _ = run_inprocess(corpus, out)
+    exported = AutoModelForCausalLM.from_pretrained(summary["export"]["model"]).eval()
+    assert (Path(summary["export"]["model"]) / "model.safetensors").exists()
+    assert exported.lm_head.weight.data_ptr() == exported.transformer.wte.weight.data_ptr()  # still tied
+    trained = _trained_model(out, tiny_overrides(corpus, out))
+    x = torch.randint(0, 50257, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x).logits, trained(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_trains_adapters_only_and_merged_export_matches(corpus, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    lora = {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}}
+    summary, losses = run_inprocess(corpus, out, memory=lora, optim={"lr": 1e-2})
+    assert losses[-1] < losses[0]
+    assert summary["params"]["trainable"] == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    assert all("lora_" in k for k in load_file(str(ckpt / "trainable.safetensors")))
+
+    # Base weights unchanged: the adapter's base equals a fresh build from the same seed.
+    fresh = build_model(validate_dict(tiny_overrides(corpus, out)), 50257)
+    adapter_dir = summary["export"]["adapter"]
+    with_adapter = PeftModel.from_pretrained(fresh, adapter_dir).eval()
+    trained = _trained_model(out, tiny_overrides(corpus, out, memory=lora))
+    for (n, p), (n2, p2) in zip(trained.get_base_model().named_parameters(), with_adapter.get_base_model().named_parameters()):
+        if "lora_" not in n:
+            assert torch.equal(p, p2), n
+    merged = AutoModelForCausalLM.from_pretrained(summary["export"]["model"]).eval()
+    x = torch.randint(0, 50257, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, with_adapter(x).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(with_adapter(x).logits, trained(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_freeze_leaves_frozen_weights_unchanged(corpus, tmp_path):
+    out = tmp_path / "run"
+    summary, _ = run_inprocess(corpus, out, memory={"freeze": {"embeddings": True, "first_n_blocks": 1}})
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    assert not any(k.startswith(("transformer.h.0.", "transformer.wte", "transformer.wpe")) for k in saved)
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(summary["export"]["model"])
+    fresh = build_model(validate_dict(tiny_overrides(corpus, out)), 50257)
+    assert torch.equal(exported.transformer.wte.weight, fresh.transformer.wte.weight)
+    assert torch.equal(exported.transformer.h[0].attn.c_attn.weight, fresh.transformer.h[0].attn.c_attn.weight)
+    assert not torch.equal(exported.transformer.h[1].attn.c_attn.weight, fresh.transformer.h[1].attn.c_attn.weight)
+
+
+def test_line_by_line_training_runs_and_metrics_are_logged(corpus, tmp_path):
+    out = tmp_path / "run"
+    summary, losses = run_inprocess(corpus, out, data={"mode": "line_by_line"}, eval={"every_n_steps": 3})
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in recs) and all(r["tokens_per_s"] > 0 for r in recs if "loss" in r)
+    assert summary["val_ppl"] > 1 and len(losses) == 6
