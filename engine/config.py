@@ -108,6 +108,16 @@ class MemoryConfig(Section):
     fused_gelu: bool = Field(
         True, description="Replace GPT-2's 5-op GELU by one gelu(approximate='tanh'): same function, ~1/3 fewer activations."
     )
+    optimizer_in_backward: bool = Field(
+        False,
+        description="Step each parameter inside backward and free its gradient at once: no full-size gradient buffer "
+        "(saves 4 B/param in fp32). One device; no accumulation or clipping.",
+    )
+    loss_chunk_size: int | None = Field(
+        None, gt=0,
+        description="Compute logits + cross-entropy this many tokens at a time, recomputed in backward: the full "
+        "[tokens x 50257] logits (and their fp32 copies) never exist. null: one pass.",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
 
@@ -208,6 +218,24 @@ def check_combinations(cfg: RunConfig) -> None:
         raise ValueError("optim.name=cpu_adam (DeepSpeedCPUAdam) needs memory.offload_optimizer=true; otherwise use optim.name=adamw")
     if m.zero_stage > 0 and t.backend == "torch":
         raise ValueError(f"memory.zero_stage={m.zero_stage} needs the DeepSpeed backend: set train.backend=deepspeed (or auto)")
+    if m.optimizer_in_backward:
+        if m.zero_stage > 0 or t.backend == "deepspeed":
+            raise ValueError(
+                "memory.optimizer_in_backward runs on the single-device torch backend: set memory.zero_stage=0 and "
+                "train.backend=torch (or auto)"
+            )
+        if t.grad_accum_steps > 1 or t.global_batch_size not in (None, t.micro_batch_size):
+            raise ValueError(
+                "memory.optimizer_in_backward steps during every backward, so gradients cannot accumulate: set "
+                "train.grad_accum_steps=1 (and no larger train.global_batch_size), or turn optimizer_in_backward off"
+            )
+        if o.grad_clip is not None:
+            raise ValueError(
+                "memory.optimizer_in_backward updates each parameter before the global gradient norm exists, so it "
+                "cannot clip: set optim.grad_clip=null, or turn optimizer_in_backward off"
+            )
+    if m.loss_chunk_size and m.zero_stage == 3:
+        raise ValueError("memory.loss_chunk_size calls the LM head outside ZeRO-3's gather hooks: use zero_stage<=2 or unset it")
     if m.checkpoint_every_n_layers > 1 and not m.activation_checkpointing:
         raise ValueError("memory.checkpoint_every_n_layers is set but memory.activation_checkpointing=false: enable it or remove the key")
     if m.lora.enabled and (m.freeze.embeddings or m.freeze.first_n_blocks):

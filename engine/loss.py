@@ -1,23 +1,51 @@
-"""Causal-LM loss as (sum, token count), so accumulation and eval weight every real token equally."""
+"""Causal-LM loss as (sum, token count), so accumulation and eval weight every real token equally.
+
+The LM head is GPT-2's largest activation: one 1024-token sequence has 1024 x 50257 logits
+(196 MiB in fp32, plus the fp32 upcast and its gradient when training in 16-bit). With
+`loss_chunk_size` the logits are computed and consumed a chunk at a time and recomputed in
+backward, so only one chunk's logits ever exist.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from engine.data import IGNORE_INDEX
 
 
-def lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _lm_module(model):
+    """The GPT2LMHeadModel under DeepSpeed / peft wrappers (LoRA layers stay inside it)."""
+    m = getattr(model, "module", model)
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    return m
+
+
+def _ce_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # fp32 log-softmax: 16-bit logits over 50k classes lose precision in the normaliser.
+    return F.cross_entropy(lm_head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     mask = batch.get("attention_mask")
     # An all-ones mask adds nothing but can push SDPA off its causal fast path: pass None for packed data.
     if mask is not None and bool(mask.all()):
         mask = None
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
     labels = batch["labels"][:, 1:]
-    # fp32 log-softmax: 16-bit logits over 50k classes lose precision in the normaliser.
-    loss_sum = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    return loss_sum, (labels != IGNORE_INDEX).sum()
+    n_tokens = (labels != IGNORE_INDEX).sum()
+    if not chunk_size:
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
+        return _ce_sum(torch.nn.Identity(), logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1)), n_tokens
+    lm = _lm_module(model)
+    hidden = lm.transformer(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk_size):
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_ce_sum, lm.lm_head, h[i : i + chunk_size], y[i : i + chunk_size], use_reentrant=False)
+        else:
+            total = total + _ce_sum(lm.lm_head, h[i : i + chunk_size], y[i : i + chunk_size])
+    return total, n_tokens

@@ -67,3 +67,81 @@ def lr_lambda(total_steps: int, sched: ScheduleConfig):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, sched: ScheduleConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, sched))
+
+
+class InBackwardOptimizer:
+    """One optimizer per parameter, stepped from `register_post_accumulate_grad_hook`.
+
+    Each gradient is consumed and freed the moment autograd finishes it, so at most a few
+    parameters' gradients exist at once instead of a full model-sized gradient buffer. The
+    hooks read `self.lr`, `self.grad_scale` (1/loss scale, for fp16) and report overflow.
+    """
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig, device_type: str = "cpu"):
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        for name, p in self.named:
+            holder = nn.Module()
+            holder.register_parameter("p", p)
+            self.optimizers[name] = build_optimizer(holder, cfg, device_type)
+        self.base_lr = cfg.lr
+        self.lr = cfg.lr
+        self.inv_scale = 1.0
+        self.overflow = False
+        self.steps_applied = 0
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(name)) for name, p in self.named]
+
+    def _hook(self, name: str):
+        opt = self.optimizers[name]
+
+        def hook(p: torch.Tensor) -> None:
+            if self.inv_scale != 1.0:
+                p.grad.mul_(self.inv_scale)
+                if not torch.isfinite(p.grad).all():
+                    # fp16 overflow: this parameter skips the step; the loop lowers the scale.
+                    self.overflow = True
+                    p.grad = None
+                    return
+            for g in opt.param_groups:
+                g["lr"] = self.lr
+            opt.step()
+            p.grad = None  # the point of the exercise: free this gradient now
+
+        return hook
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [{"lr": self.lr}]
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr = state["lr"]
+        for n, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][n])
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class DynamicLossScale:
+    """fp16 loss scaling for the in-backward optimizer (torch's GradScaler needs a separate step call)."""
+
+    def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 2000, min_scale: float = 1.0):
+        self.scale, self.growth_interval, self.min_scale, self.good_steps = init_scale, growth_interval, min_scale, 0
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self.scale, self.good_steps = max(self.scale / 2, self.min_scale), 0
+        else:
+            self.good_steps += 1
+            if self.good_steps % self.growth_interval == 0:
+                self.scale *= 2
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.scale, self.good_steps = st["scale"], st["good_steps"]

@@ -99,14 +99,14 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
         _say(env, json.dumps(plan, indent=2))
         return plan
 
+    model = build_model(cfg, vocab_size=len(tok))
+    counts = parameter_counts(model)
+    backend = make_backend(cfg, env, model, total_steps)
+    # Written only once the model and backend exist, so a failed start leaves no half-made run behind.
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_to_yaml(cfg))
         (out / "run.json").write_text(json.dumps({"plan": plan, "started": time.time()}, indent=2))
-
-    model = build_model(cfg, vocab_size=len(tok))
-    counts = parameter_counts(model)
-    backend = make_backend(cfg, env, model, total_steps)
     _say(env, f"model {cfg.model.name} ({cfg.model.init}): {counts['total']:,} params, {counts['trainable']:,} trainable | "
               f"backend {backend.name} x{env.world_size} on {backend.device} | {cfg.memory.precision} | "
               f"{total_steps} steps of {sampler.global_batch} x {cfg.data.block_size} tokens")

@@ -14,7 +14,7 @@ from engine.backends.base import Backend, StepStats
 from engine.config import RunConfig
 from engine.distributed import DistEnv
 from engine.loss import lm_loss_sum
-from engine.optim import build_optimizer, build_scheduler
+from engine.optim import DynamicLossScale, InBackwardOptimizer, build_optimizer, build_scheduler, lr_lambda
 
 
 def pick_device(pref: str) -> torch.device:
@@ -32,24 +32,38 @@ class TorchBackend(Backend):
         # fp32 master weights; autocast runs matmuls in 16-bit and keeps 16-bit activations for backward.
         self.model = model.to(self.device)
         self.model.train()
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
-        self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.schedule)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.memory.precision == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.fp16 = cfg.memory.precision == "fp16"
+        self.in_backward = cfg.memory.optimizer_in_backward
+        if self.in_backward:
+            self.optimizer = InBackwardOptimizer(self.model, cfg.optim, self.device.type)
+            self.lr_fn = lr_lambda(total_steps, cfg.schedule)
+            self.steps_done = 0
+            self.optimizer.lr = cfg.optim.lr * self.lr_fn(0)
+            self.loss_scale = DynamicLossScale() if self.fp16 else None
+        else:
+            self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+            self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.schedule)
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.fp16)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.cfg.memory.precision != "fp32")
+        # The autocast cache keeps a 16-bit copy of every weight until forward ends; under activation
+        # checkpointing nothing else holds those copies, so dropping the cache saves 2 B/param.
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.cfg.memory.precision != "fp32",
+                              cache_enabled=not self.cfg.memory.activation_checkpointing)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def train_step(self, micro_batches: list[dict]) -> StepStats:
+        if self.in_backward:
+            return self._fused_step(micro_batches[0])
         n_global = self.global_tokens(micro_batches)
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in micro_batches:
             mb = self.to_device(mb)
             with self.autocast():
-                loss_sum, _ = lm_loss_sum(self.model, mb)
+                loss_sum, _ = lm_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size)
             # Dividing by the global token count makes accumulation exactly a token-weighted mean.
             self.scaler.scale(loss_sum / n_global).backward()
             loss_acc += loss_sum.detach().double()
@@ -72,14 +86,35 @@ class TorchBackend(Backend):
             loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None,
         )
 
+    def _fused_step(self, mb: dict) -> StepStats:
+        """Forward, then a backward during which every parameter is updated and its gradient freed."""
+        mb = self.to_device(mb)
+        n = (mb["labels"][:, 1:] != -100).sum()
+        opt = self.optimizer
+        lr = opt.lr
+        scale = self.loss_scale.scale if self.loss_scale else 1.0
+        opt.inv_scale, opt.overflow = 1.0 / scale, False
+        with self.autocast():
+            loss_sum, _ = lm_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size)
+        (loss_sum * (scale / n)).backward()
+        if self.loss_scale:
+            self.loss_scale.update(opt.overflow)
+        self.steps_done += 1
+        opt.lr = self.cfg.optim.lr * self.lr_fn(self.steps_done)
+        return StepStats(loss=float(loss_sum.detach() / n), tokens=int(n), grad_norm=None, skipped=opt.overflow, lr=lr,
+                         loss_scale=self.loss_scale.scale if self.loss_scale else None)
+
     # -- checkpoints: trainable weights as safetensors, optimizer/scheduler/scaler as weights-only torch files
     def save(self, ckpt_dir: Path) -> None:
         trainable = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
         save_file(trainable, str(ckpt_dir / "trainable.safetensors"))
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()},
-            ckpt_dir / "optimizer.pt",
-        )
+        if self.in_backward:
+            state = {"optimizer": self.optimizer.state_dict(), "steps_done": self.steps_done,
+                     "loss_scale": self.loss_scale.state_dict() if self.loss_scale else None}
+        else:
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict()}
+        torch.save(state, ckpt_dir / "optimizer.pt")
 
     def load(self, ckpt_dir: Path) -> None:
         state = load_file(str(ckpt_dir / "trainable.safetensors"), device=str(self.device))
@@ -90,5 +125,10 @@ class TorchBackend(Backend):
         self.model.load_state_dict(state, strict=False)
         opt = torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        self.scaler.load_state_dict(opt["scaler"])
+        if self.in_backward:
+            self.steps_done = opt["steps_done"]
+            if self.loss_scale and opt["loss_scale"]:
+                self.loss_scale.load_state_dict(opt["loss_scale"])
+        else:
+            self.scheduler.load_state_dict(opt["scheduler"])
+            self.scaler.load_state_dict(opt["scaler"])
