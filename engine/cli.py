@@ -79,6 +79,8 @@ def cmd_train(args) -> int:
         for key, default, desc in describe_schema():
             print(f"{key:40s} {default:24s} {desc}")
         return 0
+    if args.resume:
+        args.overrides = [*args.overrides, f"checkpoint.resume={'true' if args.resume == 'latest' else args.resume}"]
     cfg = load_cli_config(args)
     from engine.train import run_training
 
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
         if name == "train":
             _add_config_args(p)
+            p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                           help="continue from the newest complete checkpoint in logging.output_dir (or the one given)")
             p.add_argument("--dry-run", action="store_true", help="validate config and data, print the plan, build no model")
             p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     return parser

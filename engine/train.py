@@ -90,6 +90,13 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
         "total_steps": total_steps,
         "tokens_per_step": sampler.global_batch * cfg.data.block_size,
     }
+    if resume_from is not None:
+        saved = json.loads((resume_from / "trainer_state.json").read_text())
+        for key, now in (("world_size", env.world_size), ("global_batch", sampler.global_batch), ("vocab_size", len(tok))):
+            if saved.get(key) is not None and saved[key] != now:
+                raise EngineError(f"cannot resume {resume_from}: it was saved with {key}={saved[key]}, this run has {key}={now}")
+    elif cfg.checkpoint.resume:
+        _say(env, f"no complete checkpoint in {out}: starting from scratch")
     if dry_run:
         if backend_name == "deepspeed":
             from engine.backends.deepspeed_backend import make_ds_config
@@ -113,8 +120,8 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
 
     step, tokens_seen, best_val = 0, 0, math.inf
     if resume_from is not None:
+        st = load_trainer_state(resume_from, env.rank)  # restores RNG: after the model's random init
         backend.load(resume_from)
-        st = load_trainer_state(resume_from, env.rank)
         step, tokens_seen, best_val = st["step"], st["tokens_seen"], st.get("best_val", math.inf)
         _say(env, f"resumed from {resume_from} at step {step}")
 

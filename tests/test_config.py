@@ -78,6 +78,8 @@ def test_bad_values(override, needle):
     (["model.n_layer=2"], "only apply to model.init=random"),
     (["model.init=random", "model.n_embd=100", "model.n_head=3"], "divisible"),
     (["model.name=gpt2", "model.init=random", "memory.freeze.first_n_blocks=12"], "would freeze all 12 blocks"),
+    (["memory.optimizer_in_backward=true", "optim.grad_clip=null", "memory.zero_stage=2"], "single-device torch backend"),
+    (["memory.zero_stage=3", "memory.loss_chunk_size=512"], "outside ZeRO-3's gather hooks"),
 ])
 def test_incompatible_combinations_are_rejected(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -119,3 +121,34 @@ def test_schema_describes_every_leaf():
                    and not r[0].startswith("memory.freeze.")]
     # every memory feature flag says what it saves
     assert all(desc for _, _, desc in memory_rows)
+
+
+def test_torch_backend_under_a_launcher_is_rejected():
+    from engine.distributed import DistEnv
+    from engine.train import choose_backend
+
+    cfg = load_config(None, ["train.backend=torch"])
+    with pytest.raises(ConfigError, match="use train.backend=deepspeed"):
+        choose_backend(cfg, DistEnv(rank=0, local_rank=0, world_size=2))
+    assert choose_backend(load_config(None, []), DistEnv(0, 0, 2)) == "deepspeed"
+    assert choose_backend(load_config(None, []), DistEnv()) == "torch"
+
+
+def test_fp16_deepspeed_on_cpu_is_rejected(tmp_path):
+    from engine.backends.deepspeed_backend import DeepSpeedBackend
+    from engine.distributed import DistEnv
+
+    cfg = load_config(None, ["memory.zero_stage=1", "memory.precision=fp16"])
+    with pytest.raises(ConfigError, match="fp16 is not supported by DeepSpeed on cpu: use bf16 or fp32"):
+        DeepSpeedBackend(cfg, DistEnv(), model=None, total_steps=1)
+
+
+def test_launcher_env_is_read_from_deepspeed_torchrun_or_slurm():
+    from engine.distributed import dist_env, export_slurm_env
+
+    d = dist_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
+    assert (d.rank, d.local_rank, d.world_size) == (3, 1, 4)
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}
+    assert dist_env(env).world_size == 8 and dist_env(env).rank == 5
+    export_slurm_env(env)
+    assert env["RANK"] == "5" and env["WORLD_SIZE"] == "8" and env["LOCAL_RANK"] == "1"

@@ -165,3 +165,43 @@ def test_optimizer_in_backward_rejects_accumulation_and_clipping(corpus, tmp_pat
                                      optim={"grad_clip": None}, train={"grad_accum_steps": 2}))
     with pytest.raises(ConfigError, match="cannot clip: set optim.grad_clip=null"):
         validate_dict(tiny_overrides(corpus, tmp_path, memory={"optimizer_in_backward": True}))
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    """Stop after step 3 (keep only that checkpoint), resume: steps 4-6 and final weights equal the uninterrupted run."""
+    import shutil
+
+    full = tmp_path / "full"
+    extra = dict(model={"dropout": 0.1}, checkpoint={"every_n_steps": 3, "keep_last": 5})
+    _, ref = run_inprocess(corpus, full, **extra)
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-0000006")
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l).get("step", 0) <= 3) + "\n")
+    for d in ("model",):
+        shutil.rmtree(cut / d)
+    from engine.config import validate_dict
+    from engine.train import run_training
+
+    cfg = validate_dict(tiny_overrides(corpus, cut, checkpoint={"every_n_steps": 3, "keep_last": 5, "resume": True},
+                                       model={"dropout": 0.1}))
+    run_training(cfg)
+    from conftest import train_losses
+
+    assert train_losses(cut) == ref  # bitwise: same floats
+    a = load_file(str(full / "checkpoints" / "step-0000006" / "trainable.safetensors"))
+    b = load_file(str(cut / "checkpoints" / "step-0000006" / "trainable.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_batch_size_is_refused(corpus, tmp_path):
+    from engine.config import validate_dict
+    from engine.errors import EngineError
+    from engine.train import run_training
+
+    out = tmp_path / "run"
+    run_inprocess(corpus, out, checkpoint={"every_n_steps": 3})
+    cfg = validate_dict(tiny_overrides(corpus, out, checkpoint={"resume": True}, train={"micro_batch_size": 2}))
+    with pytest.raises(EngineError, match="saved with global_batch=4, this run has global_batch=2"):
+        run_training(cfg)
