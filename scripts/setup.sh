@@ -9,4 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # pip's constraint file keeps torch on the CPU build for every package that asks for it.
 export PIP_CONSTRAINT="$PWD/requirements/cpu-lock.txt"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+# (this machine's pip config lists local indexes that may be absent; drop those warnings, keep real errors)
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2> >(grep -v "is neither a file nor a directory" >&2)

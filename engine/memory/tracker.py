@@ -1,0 +1,166 @@
+"""Live tensor memory by category, tracked at the dispatcher: works with real and fake tensors,
+with activation checkpointing (modules re-entered in backward), on CPU and CUDA.
+
+torch's `MemTracker` attributes memory through module hooks and refuses a module that runs twice
+in one iteration, which is what checkpoint recompute does. This tracker needs no module hooks: it
+sees every storage an op creates, tags it by the phase that created it, re-tags gradients (post-
+accumulate hooks) and optimizer state (optimizer step hooks), and frees it when the storage dies.
+
+Categories at the peak:
+  parameters   model parameters and buffers (registered up front)
+  gradients    `.grad` storages
+  optimizer    tensors held in `optimizer.state` after a step
+  activations  created in forward and still alive (saved for backward, outputs, logits)
+  temporaries  created in backward (incl. checkpoint recompute) or inside the optimizer step
+  other        anything registered from outside (inputs)
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections import Counter
+
+import torch
+from torch.distributed._tools.common_utils import get_untyped_storages
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries", "other")
+CUDA_BLOCK = 512  # the caching allocator rounds every block up to 512 bytes
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class MemoryTracker(TorchDispatchMode):
+    """`with MemoryTracker() as mt: ...` then `mt.peak`, `mt.peak_breakdown` (bytes).
+
+    `round_to` models an allocator's granularity (CUDA_BLOCK when predicting a GPU).
+    """
+
+    def __init__(self, round_to: int = 1):
+        super().__init__()
+        self.round_to = round_to
+        self._live: dict[int, list] = {}  # storage key -> [bytes, category, weakref]
+        self.current: Counter = Counter()
+        self.peak = 0
+        self.peak_breakdown: dict[str, int] = {c: 0 for c in CATEGORIES}
+        self._in_opt = False
+        self._handles: list = []
+        self._optimizers: list = []
+
+    # -- bookkeeping
+    def _bytes(self, st) -> int:
+        n = st.nbytes()
+        return math.ceil(n / self.round_to) * self.round_to if self.round_to > 1 else n
+
+    def _add(self, st, category: str) -> None:
+        key = st._cdata
+        entry = self._live.get(key)
+        nbytes = self._bytes(st)
+        if entry is not None:
+            if entry[0] != nbytes:  # resized storage
+                self.current[entry[1]] += nbytes - entry[0]
+                entry[0] = nbytes
+            return
+        if nbytes == 0:
+            return
+        ref = weakref.ref(st, lambda _r, k=key: self._drop(k))
+        self._live[key] = [nbytes, category, ref]
+        self.current[category] += nbytes
+        self._update_peak()
+
+    def _drop(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.current[entry[1]] -= entry[0]
+
+    def _retag(self, t: torch.Tensor, category: str) -> None:
+        for st in get_untyped_storages(t):
+            entry = self._live.get(st._cdata)
+            if entry is None:
+                self._add(st, category)
+            elif entry[1] != category:
+                self.current[entry[1]] -= entry[0]
+                self.current[category] += entry[0]
+                entry[1] = category
+        self._update_peak()
+
+    def _update_peak(self) -> None:
+        total = sum(self.current.values())
+        if total > self.peak:
+            self.peak = total
+            self.peak_breakdown = {c: self.current.get(c, 0) for c in CATEGORIES}
+
+    @property
+    def current_total(self) -> int:
+        return sum(self.current.values())
+
+    def reset_peak(self) -> None:
+        self.peak = self.current_total
+        self.peak_breakdown = {c: self.current.get(c, 0) for c in CATEGORIES}
+
+    # -- registration of what exists before tracking starts
+    def track_model(self, model: torch.nn.Module) -> None:
+        for p in model.parameters():
+            self._retag(p, "parameters")
+            if p.grad is not None:
+                self._retag(p.grad, "gradients")
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+        for b in model.buffers():
+            self._retag(b, "parameters")
+
+    def _grad_hook(self, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self._retag(p.grad, "gradients")
+
+    def track_optimizer(self, optimizer) -> None:
+        self._optimizers.append(optimizer)
+        self._tag_optimizer_state(optimizer)
+
+    def _tag_optimizer_state(self, optimizer) -> None:
+        for state in optimizer.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    self._retag(v, "optimizer")
+
+    def track_other(self, *tensors) -> None:
+        for t in tree_flatten(tensors)[0]:
+            if isinstance(t, torch.Tensor):
+                self._retag(t, "other")
+
+    # -- the mode
+    def __enter__(self):
+        def pre(opt, args, kwargs):
+            self._in_opt = True
+
+        def post(opt, args, kwargs):
+            self._in_opt = False
+            self._tag_optimizer_state(opt)
+
+        self._handles += [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+        return super().__enter__()
+
+    def __exit__(self, *args):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return super().__exit__(*args)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        category = "temporaries" if (self._in_opt or _in_backward()) else "activations"
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                for st in get_untyped_storages(t):
+                    self._add(st, category)
+        return out
+
+    def summary(self, unit: int = 2**20) -> dict[str, float]:
+        d = {f"{c}_mib": round(v / unit, 1) for c, v in self.peak_breakdown.items()}
+        d["peak_mib"] = round(self.peak / unit, 1)
+        return d
