@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from engine.config import GPT2_CONTEXT, GPT2_SIZES, GPT2_VOCAB, RunConfig
-from engine.errors import ModelLoadError
+from engine.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,19 @@ def load_base_model(cfg: RunConfig, vocab_size: int, task: str = "causal_lm") ->
                 if isinstance(mod, nn.Dropout):
                     mod.p = m.dropout
             model.config.attn_pdrop = m.dropout  # read by the attention kernel call, not an nn.Dropout
-    if vocab_size > model.get_input_embeddings().weight.shape[0]:
-        # New special tokens: grow wte (the tied lm_head follows). Rounded to a multiple of 64 would be faster on
-        # GPU, but would change the exported vocabulary size users see, so keep it exact.
-        model.resize_token_embeddings(vocab_size, mean_resizing=False)
     return model
+
+
+def resize_vocab(model: nn.Module, vocab_size: int) -> list[int]:
+    """Grow wte for added special tokens (the tied lm_head follows); returns the new token ids.
+
+    Not rounded up to a multiple of 64 (faster on GPU) because that would change the vocabulary size users see.
+    """
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return []
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return list(range(old, vocab_size))
 
 
 def apply_fused_gelu(model: nn.Module) -> int:
@@ -120,7 +128,8 @@ def apply_freeze(model: nn.Module, embeddings: bool, first_n_blocks: int) -> Non
             p.requires_grad_(False)
 
 
-def apply_lora(model: nn.Module, cfg: RunConfig, extra_trainable: list[str] | None = None) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: RunConfig, extra_trainable: list[str] | None = None,
+               new_token_ids: list[int] | None = None) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lc = cfg.memory.lora
@@ -133,6 +142,8 @@ def apply_lora(model: nn.Module, cfg: RunConfig, extra_trainable: list[str] | No
         bias="none",
         task_type="CAUSAL_LM",
         modules_to_save=extra_trainable,
+        # Rows of added special tokens start random: train just those rows of the (tied) embedding.
+        trainable_token_indices={"wte": new_token_ids} if new_token_ids else None,
     )
     return get_peft_model(model, peft_cfg)
 
@@ -140,13 +151,17 @@ def apply_lora(model: nn.Module, cfg: RunConfig, extra_trainable: list[str] | No
 def build_model(cfg: RunConfig, vocab_size: int) -> nn.Module:
     """The trainable model with every model-side memory feature of `cfg.memory` applied (fp32 weights)."""
     model = load_base_model(cfg, vocab_size)
+    new_ids = resize_vocab(model, vocab_size)
+    context = model.config.n_positions
+    if cfg.data.block_size > context:
+        raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds {cfg.model.name}'s context of {context} tokens")
     mem = cfg.memory
     if mem.fused_gelu:
         apply_fused_gelu(model)
     if mem.activation_checkpointing:
         apply_activation_checkpointing(model, mem.checkpoint_every_n_layers)
     if mem.lora.enabled:
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, cfg, new_token_ids=new_ids)
     elif mem.freeze.embeddings or mem.freeze.first_n_blocks:
         apply_freeze(model, mem.freeze.embeddings, mem.freeze.first_n_blocks)
     if mem.activation_checkpointing and (mem.lora.enabled or mem.freeze.embeddings):

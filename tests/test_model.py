@@ -86,3 +86,15 @@ def test_freeze_first_blocks_and_embeddings():
     assert "transformer.wte.weight" in frozen and "transformer.wpe.weight" in frozen
     assert all(n.startswith(("transformer.h.0.", "transformer.w")) for n in frozen)
     assert any(p.requires_grad for n, p in model.named_parameters() if n.startswith("transformer.h.1."))
+
+
+def test_lora_trains_the_rows_of_added_special_tokens():
+    cfg = tiny(lora={"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"]})
+    model = build_model(cfg, vocab_size=50259)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    token_params = {n: c for n, c in trainable.items() if "lora_" not in n}
+    assert sum(token_params.values()) == 2 * 32, trainable  # two new rows of the 32-wide embedding
+    x = torch.tensor([[50257, 50258, 11, 50257]])
+    out = model(input_ids=x, labels=x)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
