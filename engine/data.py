@@ -233,10 +233,13 @@ def load_splits(cfg: DataConfig, tok, with_test: bool = False) -> dict[str, Toke
 
 
 def collate(examples: list, pad_id: int, mode: str) -> dict[str, torch.Tensor]:
-    """input_ids/attention_mask/labels; line_by_line pads to the batch's longest and masks pads out of the loss."""
+    """input_ids/labels (+attention_mask) and n_tokens, the host-side count of loss tokens.
+
+    line_by_line pads to the batch's longest example and masks pads out of attention and loss."""
     if mode == "packed":
+        # No attention_mask: every position is real, and SDPA keeps its causal fast path without one.
         ids = torch.stack(list(examples)) if not isinstance(examples, torch.Tensor) else examples
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        return {"input_ids": ids, "labels": ids.clone(), "n_tokens": ids.shape[0] * (ids.shape[1] - 1)}
     width = max(len(x) for x in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -244,7 +247,7 @@ def collate(examples: list, pad_id: int, mode: str) -> dict[str, torch.Tensor]:
         ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         mask[i, : len(x)] = 1
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum())}
 
 
 class StepSampler:

@@ -29,10 +29,7 @@ def _ce_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = batch.get("attention_mask")
-    # An all-ones mask adds nothing but can push SDPA off its causal fast path: pass None for packed data.
-    if mask is not None and bool(mask.all()):
-        mask = None
+    mask = batch.get("attention_mask")  # absent for packed data: SDPA then keeps its causal fast path
     labels = batch["labels"][:, 1:]
     n_tokens = (labels != IGNORE_INDEX).sum()
     if not chunk_size:

@@ -64,7 +64,7 @@ class Backend(ABC):
         return contextlib.nullcontext()
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # -- collectives (no-ops for one process)
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ class Backend(ABC):
 
     def global_tokens(self, micro_batches: list[dict]) -> torch.Tensor:
         """Loss tokens of the whole global batch, known before any forward (labels are data)."""
-        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        n = sum(b["n_tokens"] for b in micro_batches)
         return self.all_reduce_sum(torch.tensor([float(n)], device=self.device))
 
     @torch.no_grad()

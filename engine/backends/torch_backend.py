@@ -30,7 +30,9 @@ class TorchBackend(Backend):
         super().__init__(cfg, dist_env)
         self.device = pick_device(cfg.train.device)
         # fp32 master weights; autocast runs matmuls in 16-bit and keeps 16-bit activations for backward.
-        self.model = model.to(self.device)
+        if any(p.device != self.device for p in model.parameters()):
+            model = model.to(self.device)
+        self.model = model
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.fp16 = cfg.memory.precision == "fp16"
@@ -56,6 +58,19 @@ class TorchBackend(Backend):
         return self.optimizer.param_groups[0]["lr"]
 
     def train_step(self, micro_batches: list[dict]) -> StepStats:
+        t = self.step_tensors(micro_batches)
+        # The only host syncs of the step: reading the loss (and norm) for logging.
+        return StepStats(
+            loss=float(t["loss_sum"] / t["tokens"]),
+            tokens=int(t["tokens"]),
+            grad_norm=float(t["grad_norm"]) if t["grad_norm"] is not None else None,
+            skipped=t["skipped"],
+            lr=t["lr"],
+            loss_scale=t["loss_scale"],
+        )
+
+    def step_tensors(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step; results stay tensors (the memory simulator runs this on fake tensors)."""
         if self.in_backward:
             return self._fused_step(micro_batches[0])
         n_global = self.global_tokens(micro_batches)
@@ -67,6 +82,7 @@ class TorchBackend(Backend):
             # Dividing by the global token count makes accumulation exactly a token-weighted mean.
             self.scaler.scale(loss_sum / n_global).backward()
             loss_acc += loss_sum.detach().double()
+            del loss_sum
         lr = self.lr()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip
@@ -77,19 +93,13 @@ class TorchBackend(Backend):
         skipped = scale_before is not None and self.scaler.get_scale() < scale_before
         self.optimizer.zero_grad(set_to_none=True)  # frees gradient memory until the next backward
         self.scheduler.step()
-        return StepStats(
-            loss=float(loss_acc / n_global.double()),
-            tokens=int(n_global),
-            grad_norm=float(grad_norm),
-            skipped=skipped,
-            lr=lr,
-            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None,
-        )
+        return {"loss_sum": loss_acc, "tokens": n_global.double(), "grad_norm": grad_norm, "skipped": skipped, "lr": lr,
+                "loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None}
 
-    def _fused_step(self, mb: dict) -> StepStats:
+    def _fused_step(self, mb: dict) -> dict:
         """Forward, then a backward during which every parameter is updated and its gradient freed."""
         mb = self.to_device(mb)
-        n = (mb["labels"][:, 1:] != -100).sum()
+        n = mb["n_tokens"]
         opt = self.optimizer
         lr = opt.lr
         scale = self.loss_scale.scale if self.loss_scale else 1.0
@@ -101,8 +111,8 @@ class TorchBackend(Backend):
             self.loss_scale.update(opt.overflow)
         self.steps_done += 1
         opt.lr = self.cfg.optim.lr * self.lr_fn(self.steps_done)
-        return StepStats(loss=float(loss_sum.detach() / n), tokens=int(n), grad_norm=None, skipped=opt.overflow, lr=lr,
-                         loss_scale=self.loss_scale.scale if self.loss_scale else None)
+        return {"loss_sum": loss_sum.detach(), "tokens": torch.tensor(float(n)), "grad_norm": None, "skipped": opt.overflow, "lr": lr,
+                "loss_scale": self.loss_scale.scale if self.loss_scale else None}
 
     # -- checkpoints: trainable weights as safetensors, optimizer/scheduler/scaler as weights-only torch files
     def save(self, ckpt_dir: Path) -> None:

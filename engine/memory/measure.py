@@ -1,0 +1,130 @@
+"""Measure real training steps: tracked tensor memory by category, process peak RSS, throughput.
+
+Runs the engine's own backend (`TorchBackend.train_step`, the code `engine train` runs) on random
+token batches of the configured shape, under `MemoryTracker`. On CUDA the allocator's peak
+(`max_memory_allocated` / `reserved`) is reported beside the tracked figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from engine.config import GPT2_SIZES, RunConfig
+from engine.distributed import DistEnv
+from engine.memory.meter import peak_rss_bytes
+from engine.memory.tracker import MemoryTracker
+from engine.model import build_model, parameter_counts
+
+
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq: int, recompute_fraction: float = 0.0,
+                    lora: bool = False) -> float:
+    """Training FLOPs per token: 6N + 12*L*h*s (forward 2N + 4Lhs, backward twice that).
+
+    Activation checkpointing re-runs the forward of the checkpointed fraction of blocks. With LoRA the
+    frozen weights need no weight gradient, so backward costs ~one forward instead of two.
+    """
+    fwd = 2 * n_params + 4 * n_layer * n_embd * seq
+    bwd = fwd if lora else 2 * fwd
+    return fwd + bwd + recompute_fraction * fwd
+
+
+def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
+                        repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of an n x n matmul on this device: the MFU denominator, measured in-process."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+@dataclass
+class Measurement:
+    peak_bytes: int
+    breakdown: dict
+    peak_rss_bytes: int
+    step_seconds: float  # median after warm-up
+    tokens_per_s: float
+    flops_per_token: float
+    mfu: float
+    matmul_peak_flops: float
+    params: dict
+    cuda_allocated: int | None = None
+    cuda_reserved: int | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_shape(cfg: RunConfig) -> tuple[int, int]:
+    base = GPT2_SIZES.get(cfg.model.size or "", (None, None, None))
+    return cfg.model.n_layer or base[0], cfg.model.n_embd or base[1]
+
+
+def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True) -> Measurement:
+    """Run `steps` real optimizer steps of `cfg` on one device and measure them."""
+    from engine.backends.torch_backend import TorchBackend
+
+    torch.manual_seed(cfg.train.seed)
+    micro, seq, accum = cfg.train.micro_batch_size, cfg.data.block_size, cfg.train.grad_accum_steps
+    model = build_model(cfg, 50257)
+    counts = parameter_counts(model)
+    backend = TorchBackend(cfg, DistEnv(), model, total_steps=steps + warmup)
+    tracker = MemoryTracker()
+    if track:
+        tracker.track_model(backend.model)
+        opts = backend.optimizer.optimizers.values() if cfg.memory.optimizer_in_backward else [backend.optimizer]
+        for o in opts:
+            tracker.track_optimizer(o)
+    if backend.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    ctx = tracker if track else contextlib.nullcontext()
+    with ctx:
+        for i in range(warmup + steps):
+            x = torch.randint(0, 50257, (micro, seq), generator=gen)
+            batches = [{"input_ids": x, "labels": x, "n_tokens": micro * (seq - 1)} for _ in range(accum)]
+            t = time.perf_counter()
+            backend.train_step(batches)
+            if backend.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+            if track and cfg.memory.optimizer_in_backward:
+                for o in backend.optimizer.optimizers.values():
+                    tracker._tag_optimizer_state(o)
+    times.sort()
+    step_s = times[len(times) // 2]
+    n_layer, n_embd = model_shape(cfg)
+    mem = cfg.memory
+    recompute = (1.0 / mem.checkpoint_every_n_layers) if mem.activation_checkpointing else 0.0
+    fpt = flops_per_token(counts["total"], n_layer, n_embd, seq, recompute, lora=mem.lora.enabled)
+    tps = micro * seq * accum / step_s
+    dtype = torch.float32 if mem.precision == "fp32" else {"fp16": torch.float16, "bf16": torch.bfloat16}[mem.precision]
+    peak_flops = measure_matmul_peak(backend.device, dtype if backend.device.type == "cuda" else torch.float32)
+    return Measurement(
+        peak_bytes=tracker.peak,
+        breakdown=dict(tracker.peak_breakdown),
+        peak_rss_bytes=peak_rss_bytes(),
+        step_seconds=step_s,
+        tokens_per_s=tps,
+        flops_per_token=fpt,
+        mfu=tps * fpt / peak_flops,
+        matmul_peak_flops=peak_flops,
+        params=counts,
+        cuda_allocated=torch.cuda.max_memory_allocated() if backend.device.type == "cuda" else None,
+        cuda_reserved=torch.cuda.max_memory_reserved() if backend.device.type == "cuda" else None,
+    )
