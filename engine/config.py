@@ -106,12 +106,14 @@ class MemoryConfig(Section):
     )
     checkpoint_every_n_layers: int = Field(1, gt=0, description="Checkpoint every k-th block (1 = all): trades memory back for speed.")
     fused_gelu: bool = Field(
-        True, description="Replace GPT-2's 5-op GELU by one gelu(approximate='tanh'): same function, ~1/3 fewer activations."
+        True, description="Replace GPT-2's 5-op GELU by one gelu(approximate='tanh'): same function, 3 fewer saved "
+        "[tokens x 4h] tensors per block (about 40% of activations with flash attention, less with the CPU math kernel)."
     )
     optimizer_in_backward: bool = Field(
         False,
         description="Step each parameter inside backward and free its gradient at once: no full-size gradient buffer "
-        "(saves 4 B/param in fp32). One device; no accumulation or clipping.",
+        "(saves 4 B/param in fp32). One device; no accumulation or clipping. With fp16, an overflow skips the "
+        "parameters whose gradients overflowed (ones already stepped keep their finite update) and halves the scale.",
     )
     loss_chunk_size: int | None = Field(
         None, gt=0,
@@ -173,7 +175,6 @@ class LoggingConfig(Section):
     output_dir: str = "runs/default"
     log_every: int = Field(10, gt=0)
     progress: bool = True
-    tensorboard: bool = False
     overwrite: bool = Field(False, description="Allow reusing an output_dir that holds another run.")
 
 

@@ -39,8 +39,8 @@ def load_tokenizer(model_cfg: ModelConfig):
     if folder is None:
         tok = GPT2TokenizerFast.from_pretrained(str(TOKENIZER_DIR))
     else:
-        if not Path(folder).is_dir():
-            raise DataError(f"model.tokenizer: {folder} is not a folder with tokenizer files")
+        if not Path(folder).is_dir() or not any((Path(folder) / f).exists() for f in ("tokenizer.json", "vocab.json")):
+            raise DataError(f"model.tokenizer: {folder} is not a folder with tokenizer files (tokenizer.json or vocab.json)")
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code)
     st = model_cfg.special_tokens
     special = {k: v for k, v in (("bos_token", st.bos), ("eos_token", st.eos), ("pad_token", st.pad)) if v}

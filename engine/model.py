@@ -148,10 +148,18 @@ def apply_lora(model: nn.Module, cfg: RunConfig, extra_trainable: list[str] | No
     return get_peft_model(model, peft_cfg)
 
 
-def build_model(cfg: RunConfig, vocab_size: int) -> nn.Module:
-    """The trainable model with every model-side memory feature of `cfg.memory` applied (fp32 weights)."""
+def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int | None] | None = None) -> nn.Module:
+    """The trainable model with every model-side memory feature of `cfg.memory` applied (fp32 weights).
+
+    `special_ids` (bos/eos/pad_token_id from the tokenizer) go into the config and generation config, so
+    generation stops at a user-defined EOS."""
     model = load_base_model(cfg, vocab_size)
     new_ids = resize_vocab(model, vocab_size)
+    for key, value in (special_ids or {}).items():
+        if value is not None:
+            setattr(model.config, key, value)
+            if getattr(model, "generation_config", None) is not None:
+                setattr(model.generation_config, key, value)
     context = model.config.n_positions
     if cfg.data.block_size > context:
         raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds {cfg.model.name}'s context of {context} tokens")

@@ -55,9 +55,9 @@ def lr_lambda(total_steps: int, sched: ScheduleConfig):
     def f(s: int) -> float:
         if warm and s < warm:
             return (s + 1) / warm
-        if sched.decay == "constant" or total_steps <= warm + 1:
+        if sched.decay == "constant" or total_steps <= warm:
             return 1.0
-        t = min(1.0, (s - warm) / (total_steps - warm - 1))
+        t = min(1.0, (s - warm + 1) / (total_steps - warm))  # step `warm` is already past the peak
         if sched.decay == "linear":
             return floor + (1 - floor) * (1 - t)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))

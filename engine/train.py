@@ -26,6 +26,11 @@ from engine.model import build_model, parameter_counts
 
 
 def choose_backend(cfg: RunConfig, env: DistEnv) -> str:
+    if cfg.memory.optimizer_in_backward and env.launched:
+        raise ConfigError(
+            f"memory.optimizer_in_backward runs on one device, but the launcher started {env.world_size} processes: "
+            "launch one process, or turn optimizer_in_backward off and use ZeRO"
+        )
     if cfg.train.backend != "auto":
         if cfg.train.backend == "torch" and env.launched:
             raise ConfigError(
@@ -64,6 +69,37 @@ def check_output_dir(cfg: RunConfig, resuming: bool) -> Path:
     return out
 
 
+def run_layout(cfg: RunConfig, env: DistEnv, global_batch: int, vocab_size: int) -> dict:
+    """What a checkpoint's state depends on; a resume must match it."""
+    m = cfg.model
+    return {
+        "model": m.name, "init": m.init, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
+        "vocab_size": vocab_size, "world_size": env.world_size, "global_batch": global_batch,
+        "optimizer": cfg.optim.name, "optimizer_in_backward": cfg.memory.optimizer_in_backward,
+        "zero_stage": cfg.memory.zero_stage, "precision": cfg.memory.precision,
+        "lora": cfg.memory.lora.model_dump() if cfg.memory.lora.enabled else None,
+        "freeze": cfg.memory.freeze.model_dump(),
+    }
+
+
+def clear_run(out: Path) -> None:
+    """logging.overwrite: remove the previous run's results so nothing of it is mixed into this one."""
+    import shutil
+
+    for name in ("checkpoints", "model", "adapter"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "summary.json", "run.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    path.write_text("".join(l + "\n" for l in keep))
+
+
 def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
     env = dist_env()
     torch.manual_seed(cfg.train.seed)
@@ -72,7 +108,7 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
 
     # Data first: a bad file costs seconds, not a gpt2-xl load.
     tok = load_tokenizer(cfg.model)
-    splits = load_splits(cfg.data, tok)
+    splits = load_splits(cfg.data, tok, with_test=cfg.data.test_file is not None)
     from engine.backends.deepspeed_backend import grad_accum_steps
 
     accum = grad_accum_steps(cfg, env.world_size)
@@ -90,27 +126,34 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
         "total_steps": total_steps,
         "tokens_per_step": sampler.global_batch * cfg.data.block_size,
     }
+    layout = run_layout(cfg, env, sampler.global_batch, len(tok))
     if resume_from is not None:
-        saved = json.loads((resume_from / "trainer_state.json").read_text())
-        for key, now in (("world_size", env.world_size), ("global_batch", sampler.global_batch), ("vocab_size", len(tok))):
-            if saved.get(key) is not None and saved[key] != now:
-                raise EngineError(f"cannot resume {resume_from}: it was saved with {key}={saved[key]}, this run has {key}={now}")
+        saved = json.loads((resume_from / "trainer_state.json").read_text()).get("layout", {})
+        diffs = [f"{k}={saved[k]!r} there, {v!r} now" for k, v in layout.items() if k in saved and saved[k] != v]
+        if diffs:
+            raise EngineError(f"cannot resume {resume_from}: it was saved with a different setup ({'; '.join(diffs)})")
     elif cfg.checkpoint.resume:
         _say(env, f"no complete checkpoint in {out}: starting from scratch")
     if dry_run:
         if backend_name == "deepspeed":
             from engine.backends.deepspeed_backend import make_ds_config
 
-            plan["deepspeed_config"] = make_ds_config(cfg, env.world_size, "cuda" if torch.cuda.is_available() else "cpu")
+            from engine.backends.deepspeed_backend import load_user_ds_json
+
+            plan["deepspeed_config"] = make_ds_config(cfg, env.world_size, "cuda" if torch.cuda.is_available() else "cpu",
+                                                      load_user_ds_json(cfg.train.deepspeed_config))
         _say(env, config_to_yaml(cfg))
         _say(env, json.dumps(plan, indent=2))
         return plan
 
-    model = build_model(cfg, vocab_size=len(tok))
+    model = build_model(cfg, vocab_size=len(tok), special_ids={
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
     counts = parameter_counts(model)
     backend = make_backend(cfg, env, model, total_steps)
     # Written only once the model and backend exist, so a failed start leaves no half-made run behind.
     if env.is_main:
+        if cfg.logging.overwrite and resume_from is None:
+            clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_to_yaml(cfg))
         (out / "run.json").write_text(json.dumps({"plan": plan, "started": time.time()}, indent=2))
@@ -121,7 +164,12 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
     step, tokens_seen, best_val = 0, 0, math.inf
     if resume_from is not None:
         st = load_trainer_state(resume_from, env.rank)  # restores RNG: after the model's random init
-        backend.load(resume_from)
+        try:
+            backend.load(resume_from)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise EngineError(f"cannot resume {resume_from}: its state does not fit this model/optimizer ({e})") from None
+        if env.is_main:
+            truncate_metrics(out / "metrics.jsonl", st["step"])
         step, tokens_seen, best_val = st["step"], st["tokens_seen"], st.get("best_val", math.inf)
         _say(env, f"resumed from {resume_from} at step {step}")
 
@@ -136,22 +184,24 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
 
-    def evaluate() -> dict:
-        mine = val_batches[env.rank :: env.world_size]
+    def evaluate(batches: list[dict], prefix: str = "val") -> dict:
+        mine = batches[env.rank :: env.world_size]
         # Every rank must run the same number of forwards (ZeRO-3 gathers weights collectively): pad with
         # zero-weight repeats.
-        n_max = math.ceil(len(val_batches) / env.world_size)
+        n_max = math.ceil(len(batches) / env.world_size)
         weights = [1.0] * len(mine) + [0.0] * (n_max - len(mine))
-        mine = mine + [val_batches[0]] * (n_max - len(mine))
+        mine = mine + [batches[0]] * (n_max - len(mine))
         s, n = backend.eval_loss(mine, weights)
         loss = s / max(n, 1)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+        return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50))}
+
+    last_checkpoint: list[Path | None] = [resume_from]
 
     def checkpoint(step: int) -> None:
         state = {"step": step, "tokens_seen": tokens_seen, "best_val": best_val,
-                 "epoch": step // sampler.steps_per_epoch, "world_size": env.world_size,
-                 "global_batch": sampler.global_batch, "vocab_size": len(tok)}
+                 "epoch": step // sampler.steps_per_epoch, "layout": layout}
         path = save_checkpoint(backend, step, state, out, cfg.checkpoint.keep_last)
+        last_checkpoint[0] = path
         _say(env, f"checkpoint saved: {path}")
 
     pbar = None
@@ -187,7 +237,7 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
             print(f"step {step}/{total_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} tok/s {tps:,.0f}", flush=True)
         is_last = step == total_steps
         if val_batches and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and not is_last:
-            ev = evaluate()
+            ev = evaluate(val_batches)
             best_val = min(best_val, ev["val_loss"])
             log({"step": step, **ev})
             msg = f"step {step}: val_loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}"
@@ -200,14 +250,19 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
     summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "tokens_seen": tokens_seen,
                "peak_mem_mib": meter.peak_mib(), "params": counts}
     if val_batches and cfg.eval.at_end:
-        ev = evaluate()
+        ev = evaluate(val_batches)
         best_val = min(best_val, ev["val_loss"])
         log({"step": step, **ev})
         summary.update(ev)
         _say(env, f"final: val_loss {ev['val_loss']:.4f} perplexity {ev['val_ppl']:.2f}")
+    if "test" in splits:
+        ev = evaluate(eval_batches(splits["test"], cfg.train.micro_batch_size, tok.pad_token_id), prefix="test")
+        summary.update(ev)
+        log({"step": step, **ev})
+        _say(env, f"test: loss {summary['test_loss']:.4f} perplexity {summary['test_ppl']:.2f}")
     if step > start_step or resume_from is None:
         checkpoint(step)
-    with backend.full_weights() as full:
+    with backend.full_weights(last_checkpoint[0]) as full:
         if env.is_main:
             written = export_model(full, tok, out, merge_lora=cfg.checkpoint.export_merged_lora)
             summary["export"] = {k: str(v) for k, v in written.items()}

@@ -131,6 +131,9 @@ def test_torch_backend_under_a_launcher_is_rejected():
     with pytest.raises(ConfigError, match="use train.backend=deepspeed"):
         choose_backend(cfg, DistEnv(rank=0, local_rank=0, world_size=2))
     assert choose_backend(load_config(None, []), DistEnv(0, 0, 2)) == "deepspeed"
+    in_bwd = load_config(None, ["memory.optimizer_in_backward=true", "optim.grad_clip=null"])
+    with pytest.raises(ConfigError, match="optimizer_in_backward runs on one device, but the launcher started 2"):
+        choose_backend(in_bwd, DistEnv(0, 0, 2))
     assert choose_backend(load_config(None, []), DistEnv()) == "torch"
 
 
@@ -152,3 +155,30 @@ def test_launcher_env_is_read_from_deepspeed_torchrun_or_slurm():
     assert dist_env(env).world_size == 8 and dist_env(env).rank == 5
     export_slurm_env(env)
     assert env["RANK"] == "5" and env["WORLD_SIZE"] == "8" and env["LOCAL_RANK"] == "1"
+
+
+def test_cuda_device_without_cuda_is_a_config_error():
+    from engine.backends.torch_backend import pick_device
+
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="train.device=cuda but this torch build sees no CUDA GPU"):
+        pick_device("cuda")
+
+
+def test_tokenizer_folder_without_files(tmp_path):
+    from engine.data import load_tokenizer
+    from engine.errors import DataError
+
+    with pytest.raises(DataError, match="not a folder with tokenizer files"):
+        load_tokenizer(load_config(None, [f"model.tokenizer={tmp_path}"]).model)
+
+
+def test_lr_schedule_warmup_then_decay_to_floor():
+    from engine.config import ScheduleConfig
+    from engine.optim import lr_lambda
+
+    f = lr_lambda(10, ScheduleConfig(warmup_steps=2, decay="linear", min_lr_ratio=0.1))
+    values = [f(s) for s in range(10)]
+    assert values[:2] == [0.5, 1.0] and values[2] < 1.0 and values[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(values[1:], values[2:]))

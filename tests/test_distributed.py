@@ -25,12 +25,21 @@ def single(corpus, tmp_path_factory):
     return run_inprocess(corpus, out, train={"micro_batch_size": 4})[1]
 
 
-@pytest.mark.parametrize("stage,port", [(2, 29611), (3, 29612)])
+@pytest.mark.parametrize("stage,port", [(1, 29610), (2, 29611), (3, 29612)])
 def test_two_rank_zero_matches_single_process(corpus, tmp_path, single, stage, port):
-    """Same global batch, fp32, dropout 0: 2-rank ZeRO losses equal the single process within 1e-4."""
+    """Same global batch, fp32, dropout 0: 2-rank ZeRO losses equal the single process within 1e-4, and the
+    exported HF model is exactly the consolidated weights of DeepSpeed's own checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
     out = tmp_path / "run"
     launch(tiny_overrides(corpus, out, memory={"zero_stage": stage}, train={"micro_batch_size": 2}), port)
     torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(single), rtol=0, atol=1e-4)
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")
+    exported = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    for k, v in consolidated.items():
+        assert torch.equal(exported[k], v), k
 
 
 def test_two_rank_zero3_offload_checkpointing_lora_end_to_end(corpus, tmp_path):

@@ -12,8 +12,8 @@ from engine.config import validate_dict
 from engine.model import build_model
 
 # Recorded on CPU (torch 2.13.0) with tiny_overrides(): fixed seed, fp32, 6 AdamW steps.
-GOLDEN = [10.802644791141633, 10.795216221963205, 10.735283636277721, 10.675898398122479, 10.631910754788306,
-          10.612373598160282]
+GOLDEN = [10.802644791141633, 10.795216221963205, 10.735283636277721, 10.68428482547883, 10.653652068107359,
+          10.639184767200101]
 
 
 def test_golden_losses(corpus, tmp_path):
@@ -56,13 +56,21 @@ def test_8bit_adamw_tracks_adamw(corpus, tmp_path, baseline, name):
     """8-bit states quantize m and v blockwise: losses stay within 1% of fp32 AdamW over 6 steps."""
     _, losses = run_inprocess(corpus, tmp_path / "run", optim={"name": name})
     assert losses[0] == pytest.approx(baseline[0], abs=1e-6)  # same first forward
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), rtol=1e-2, atol=0)
-    assert losses[-1] < losses[0]
+    drop, ref_drop = torch.tensor(losses[0]) - torch.tensor(losses), torch.tensor(baseline[0]) - torch.tensor(baseline)
+    # the loss decrease at every step is within 10% of fp32 AdamW's
+    assert (drop - ref_drop).abs().max() <= 0.1 * ref_drop.max(), (losses, baseline)
 
 
-def test_bf16_autocast_tracks_fp32(corpus, tmp_path, baseline):
-    _, losses = run_inprocess(corpus, tmp_path / "run", memory={"precision": "bf16"})
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), rtol=2e-2, atol=0)
+@pytest.mark.parametrize("precision,tol", [("bf16", 0.2), ("fp16", 0.05)])
+def test_16bit_autocast_tracks_fp32(corpus, tmp_path, baseline, precision, tol):
+    """bf16 (8-bit mantissa) and fp16 with dynamic loss scaling: the loss decrease at every step stays within
+    tol x fp32's total decrease; fp16 skips no step at this scale."""
+    summary, losses = run_inprocess(corpus, tmp_path / "run", memory={"precision": precision})
+    drop, ref_drop = torch.tensor(losses[0]) - torch.tensor(losses), torch.tensor(baseline[0]) - torch.tensor(baseline)
+    assert (drop - ref_drop).abs().max() <= tol * ref_drop.max(), (losses, baseline)
+    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    if precision == "fp16":
+        assert all(r["loss_scale"] == 65536.0 and not r["skipped"] for r in recs if "loss" in r)
 
 
 def _trained_model(out: Path, cfg_dict: dict):
@@ -100,19 +108,17 @@ def test_lora_trains_adapters_only_and_merged_export_matches(corpus, tmp_path):
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
     assert all("lora_" in k for k in load_file(str(ckpt / "trainable.safetensors")))
 
-    # Base weights unchanged: the adapter's base equals a fresh build from the same seed.
+    # The merged export is made from the trained in-memory model (its base + adapters). It equals the saved
+    # adapter applied to a FRESH base built from the same seed, so training left the base weights unchanged,
+    # and merging gives the same logits as adapter + base.
     fresh = build_model(validate_dict(tiny_overrides(corpus, out)), 50257)
-    adapter_dir = summary["export"]["adapter"]
-    with_adapter = PeftModel.from_pretrained(fresh, adapter_dir).eval()
-    trained = _trained_model(out, tiny_overrides(corpus, out, memory=lora))
-    for (n, p), (n2, p2) in zip(trained.get_base_model().named_parameters(), with_adapter.get_base_model().named_parameters()):
-        if "lora_" not in n:
-            assert torch.equal(p, p2), n
+    with_adapter = PeftModel.from_pretrained(fresh, summary["export"]["adapter"]).eval()
     merged = AutoModelForCausalLM.from_pretrained(summary["export"]["model"]).eval()
+    untrained = build_model(validate_dict(tiny_overrides(corpus, out)), 50257).eval()
     x = torch.randint(0, 50257, (2, 24))
     with torch.no_grad():
-        torch.testing.assert_close(merged(x).logits, with_adapter(x).logits, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(with_adapter(x).logits, trained(x).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(x).logits, with_adapter(x).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(merged(x).logits, untrained(x).logits, atol=1e-3)  # the adapters did train
 
 
 def test_freeze_leaves_frozen_weights_unchanged(corpus, tmp_path):
@@ -168,7 +174,8 @@ def test_optimizer_in_backward_rejects_accumulation_and_clipping(corpus, tmp_pat
 
 
 def test_resume_continues_exactly(corpus, tmp_path):
-    """Stop after step 3 (keep only that checkpoint), resume: steps 4-6 and final weights equal the uninterrupted run."""
+    """Stop after step 3 (keep only that checkpoint; metrics of steps 4-6 are left behind as after a crash),
+    resume: the metrics are cut back, and steps 4-6 and the final weights equal the uninterrupted run."""
     import shutil
 
     full = tmp_path / "full"
@@ -177,8 +184,6 @@ def test_resume_continues_exactly(corpus, tmp_path):
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
     shutil.rmtree(cut / "checkpoints" / "step-0000006")
-    lines = (cut / "metrics.jsonl").read_text().splitlines()
-    (cut / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l).get("step", 0) <= 3) + "\n")
     for d in ("model",):
         shutil.rmtree(cut / d)
     from engine.config import validate_dict
@@ -203,5 +208,27 @@ def test_resume_with_other_batch_size_is_refused(corpus, tmp_path):
     out = tmp_path / "run"
     run_inprocess(corpus, out, checkpoint={"every_n_steps": 3})
     cfg = validate_dict(tiny_overrides(corpus, out, checkpoint={"resume": True}, train={"micro_batch_size": 2}))
-    with pytest.raises(EngineError, match="saved with global_batch=4, this run has global_batch=2"):
+    with pytest.raises(EngineError, match="different setup .global_batch=4 there, 2 now"):
         run_training(cfg)
+    cfg = validate_dict(tiny_overrides(corpus, out, checkpoint={"resume": True}, optim={"name": "adamw_8bit"}))
+    with pytest.raises(EngineError, match="optimizer='adamw' there, 'adamw_8bit' now"):
+        run_training(cfg)
+
+
+def test_overwrite_replaces_the_previous_run(corpus, tmp_path):
+    out = tmp_path / "run"
+    run_inprocess(corpus, out, checkpoint={"every_n_steps": 2}, train={"max_steps": 4})
+    _, losses = run_inprocess(corpus, out, logging={"overwrite": True}, train={"max_steps": 1})
+    assert len(losses) == 1
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000001"]
+
+
+def test_special_tokens_reach_the_model_config_and_test_split_is_evaluated(corpus, tmp_path):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    summary, _ = run_inprocess(corpus, tmp_path / "run", model={"special_tokens": {"eos": "<EOS>", "pad": "<PAD>"}},
+                               data={"test_file": str(corpus["validation"])})
+    exported = AutoModelForCausalLM.from_pretrained(summary["export"]["model"])
+    assert exported.config.eos_token_id == 50257 and exported.config.pad_token_id == 50258
+    assert GenerationConfig.from_pretrained(summary["export"]["model"]).eos_token_id == 50257
+    assert summary["test_ppl"] > 1

@@ -56,8 +56,9 @@ class Backend(ABC):
     def lr(self) -> float: ...
 
     @contextlib.contextmanager
-    def full_weights(self):
-        """Yield the unwrapped transformers/peft model with full (gathered) weights; rank 0 may save it."""
+    def full_weights(self, ckpt_dir: Path | None = None):
+        """Yield the unwrapped transformers/peft model with full-precision, full (gathered) weights for rank 0
+        to export. `ckpt_dir` is the checkpoint just written for this step (some backends export from it)."""
         yield self.model
 
     def autocast(self):

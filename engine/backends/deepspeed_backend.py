@@ -186,8 +186,13 @@ class DeepSpeedBackend(Backend):
         )
 
     @contextlib.contextmanager
-    def full_weights(self):
+    def full_weights(self, ckpt_dir: Path | None = None):
         module = self.engine.module
+        if self.cfg.memory.precision != "fp32" and ckpt_dir is not None:
+            # 16-bit training: the module holds rounded working copies; the true weights are the optimizer's fp32
+            # masters. Rebuild them from the checkpoint (any ZeRO stage) into a CPU fp32 model on rank 0.
+            yield self._fp32_model_from_checkpoint(ckpt_dir) if self.dist.is_main else None
+            return
         if self.cfg.memory.zero_stage == 3:
             import deepspeed
 
@@ -197,6 +202,22 @@ class DeepSpeedBackend(Backend):
                 yield module
         else:
             yield module
+
+    def _fp32_model_from_checkpoint(self, ckpt_dir: Path) -> torch.nn.Module:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from engine.model import build_model, unwrap
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="deepspeed")
+        vocab = unwrap(self.engine.module).get_input_embeddings().weight.shape[0]
+        if self.cfg.memory.zero_stage == 3:
+            vocab = getattr(unwrap(self.engine.module).get_input_embeddings().weight, "ds_shape", [vocab])[0]
+        model = build_model(self.cfg, vocab_size=vocab)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight", "base_model.model.lm_head.weight"}
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"fp32 export: missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+        return model
 
     def save(self, ckpt_dir: Path) -> None:
         # Every rank writes its own optimizer/parameter partitions.

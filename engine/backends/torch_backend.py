@@ -13,11 +13,14 @@ from safetensors.torch import load_file, save_file
 from engine.backends.base import Backend, StepStats
 from engine.config import RunConfig
 from engine.distributed import DistEnv
+from engine.errors import ConfigError
 from engine.loss import lm_loss_sum
 from engine.optim import DynamicLossScale, InBackwardOptimizer, build_optimizer, build_scheduler, lr_lambda
 
 
 def pick_device(pref: str) -> torch.device:
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but this torch build sees no CUDA GPU: use train.device=auto or cpu")
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     return torch.device("cpu")
