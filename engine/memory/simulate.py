@@ -22,6 +22,7 @@ partitioning rules to the simulated single-device step.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -76,31 +77,53 @@ def _register_standin() -> str:
 
 
 def zero_model_states(n_params: int, n_trainable: int, stage: int, world: int, precision: str,
-                      optimizer: str = "adamw", offload_optimizer: bool = False, offload_params: bool = False) -> dict:
-    """Per-rank bytes of model states under DeepSpeed ZeRO, device and host (pure function).
+                      optimizer: str = "adamw", offload_optimizer: bool = False, offload_params: bool = False,
+                      largest_layer_params: int = 0) -> dict:
+    """Per-rank bytes of model states under DeepSpeed ZeRO, on the device and in host RAM (pure function).
 
-    16-bit training keeps 16-bit module weights and gradients plus fp32 master weights, fp32 gradient
-    partitions and Adam m/v in the optimizer: the 2 + 2 + (4 + 4 + 8) = 18 B/param DeepSpeed's own
-    estimator counts (with K = 8 B/param of Adam state; 2 for 8-bit Adam). fp32 training has no separate
-    master copy: 4 + 4 + 8.
+    Mixed precision (fp16/bf16) keeps 16-bit module weights, fp32 master weights, fp32 gradient partitions
+    and the optimizer state (K = 8 B/param for Adam, 2 for 8-bit Adam):
+      stage 0/1: params16 2Ψ + grads16 2Ψ on every rank; master + grads32 + state (4+4+K)Ψ, /N from stage 1
+      stage 2:   grads16 partitioned too: 2Ψ + (2+4+4+K)Ψ/N  (= DeepSpeed's 2Ψ + 18Ψ/N estimate for Adam)
+      stage 3:   everything partitioned: (2+4+4+K)Ψ/N = 18Ψ/N, plus the gathered working set of the largest
+                 layer (16-bit param + grad: 4 B x its params), as DeepSpeed's stage-3 estimate counts it
+    With offload_optimizer the fp32 master/grads/state live in host RAM (stage >= 2 also streams the 16-bit
+    gradients there, so only params16 stay on the device); offload_params moves the 16-bit params too.
+    fp32 training has no separate master copy or fp32 gradient copy: 4 + 4 + K.
     """
     half = precision in ("fp16", "bf16")
+    n = max(world, 1)
+    K = 2 if optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
     w = 2 if half else 4
-    state = 2 if optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
-    master = 4 if half else 0
-    grad32 = 4 if half else 0
-    p_dev = n_params * w / (world if stage == 3 else 1)
-    g_dev = n_trainable * w / (world if stage >= 2 else 1)
-    opt = n_trainable * (master + grad32 + state) / (world if stage >= 1 else 1)
-    out = {"params": p_dev, "grads": g_dev, "optimizer": opt, "host": 0.0}
-    if offload_params:
-        out["host"] += out["params"]
-        out["params"] = 0.0
+    extra32 = 8 if half else 0  # fp32 master + fp32 grads
+    params = n_params * w / (n if stage == 3 else 1)
+    work = 4 * largest_layer_params if stage == 3 else 0
+    if stage == 3:
+        grads = 0.0  # 16-bit grads are transient; the fp32 partition is counted in the optimizer share
+        opt = n_trainable * (extra32 + K) / n if half else n_trainable * (4 + K) / n
+    else:
+        grads = n_trainable * w / (n if stage >= 2 else 1)
+        opt = n_trainable * (extra32 + K) / (n if stage >= 1 else 1) if half else n_trainable * K / (n if stage >= 1 else 1)
+        if not half:
+            grads = n_trainable * 4 / (n if stage >= 2 else 1)
+    host = 0.0
     if offload_optimizer:
-        out["host"] += out["optimizer"]
-        out["optimizer"] = 0.0
+        host += opt
+        opt = 0.0
+        if stage >= 2:
+            host += grads
+            grads = 0.0
+    if offload_params:
+        host += params
+        params = 0.0
+    out = {"params": params + work, "grads": grads, "optimizer": opt, "host": host}
     out["device_total"] = out["params"] + out["grads"] + out["optimizer"]
     return {k: int(v) for k, v in out.items()}
+
+
+def largest_layer_params(model: torch.nn.Module) -> int:
+    """Parameters of the largest leaf module (GPT-2: the tied embedding), as DeepSpeed's estimator defines it."""
+    return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
 
 
 # ----------------------------------------------------------------------------- the simulation
@@ -143,11 +166,11 @@ def _is_bnb(optimizer) -> bool:
     return type(optimizer).__module__.startswith("bitsandbytes")
 
 
-def fake_model(cfg: RunConfig) -> torch.nn.Module:
+def fake_model(cfg: RunConfig, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """`build_model(cfg)` with fake CPU parameters: built on the meta device (no init compute, and no
     module `.to()` on fake tensors, which peft does and fake tensors refuse), then every parameter and
     buffer replaced by a fake tensor of the same shape/dtype (tied weights stay one tensor). Call inside
-    a FakeTensorMode."""
+    a FakeTensorMode. `dtype` casts floating parameters (DeepSpeed's 16-bit module weights)."""
     with torch.device("meta"):
         model = build_model(cfg, 50257)
     made: dict[int, torch.Tensor] = {}
@@ -156,7 +179,8 @@ def fake_model(cfg: RunConfig) -> torch.nn.Module:
             if p is None:
                 continue
             if id(p) not in made:
-                made[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="cpu"),
+                dt = dtype if (dtype is not None and p.is_floating_point()) else p.dtype
+                made[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=dt, device="cpu"),
                                                  requires_grad=p.requires_grad)
             module._parameters[name] = made[id(p)]
         for name, b in list(module._buffers.items()):
@@ -188,14 +212,13 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
     batch = {"input_ids": x, "labels": x, "n_tokens": micro * (seq - 1)}
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
-        model = fake_model(cfg)
+        model = fake_model(cfg, DTYPES[mem.precision] if deepspeed else None)  # DeepSpeed: 16-bit module weights
         if kernel == "cuda":
             model.config._attn_implementation = _register_standin()
         counts = parameter_counts(model)
+        largest = largest_layer_params(model)
         backend = None
         if deepspeed:
-            if mem.precision != "fp32":
-                model = model.to(DTYPES[mem.precision])  # DeepSpeed keeps 16-bit module weights
             model.train()
         else:
             # Optimizer constructors may compute real constants (bitsandbytes' quantization maps).
@@ -211,7 +234,9 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
                     opt.step = (lambda o: (lambda *a, **k: _fake_bnb_step(o)))(opt)
             model = backend.model
         tracker.track_model(model)
-        with tracker:
+        with tracker, warnings.catch_warnings():
+            # the bitsandbytes step is replaced by state allocation, which LambdaLR notices and warns about
+            warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
             for _ in range(steps):
                 if backend is not None:
                     backend.step_tensors([batch] * (1 if mem.optimizer_in_backward else cfg.train.grad_accum_steps))
@@ -228,7 +253,7 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
     zero = None
     if deepspeed:
         zero = zero_model_states(counts["total"], counts["trainable"], mem.zero_stage, zero_world, mem.precision,
-                                 cfg.optim.name, mem.offload_optimizer, mem.offload_params)
+                                 cfg.optim.name, mem.offload_optimizer, mem.offload_params, largest)
         # The simulated run held full 16-bit params and grads; replace them by this rank's partitions and add
         # the optimizer partition (DeepSpeed's fp32 masters, fp32 grads and Adam states).
         peak = peak - breakdown["parameters"] - breakdown["gradients"] + zero["device_total"]
