@@ -120,6 +120,11 @@ class MemoryConfig(Section):
         description="Compute logits + cross-entropy this many tokens at a time, recomputed in backward: the full "
         "[tokens x 50257] logits (and their fp32 copies) never exist. null: one pass.",
     )
+    frozen_weights_16bit: bool = Field(
+        True,
+        description="fp16/bf16 on the torch backend: store frozen matmul weights (LoRA base, frozen blocks) in the "
+        "compute dtype. Autocast casts them anyway, so results are identical; saves 2 B/frozen param.",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
 

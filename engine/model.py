@@ -198,3 +198,23 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         if p.requires_grad:
             trainable += n
     return {"total": total, "trainable": trainable}
+
+
+def cast_frozen_matmul_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen Linear/Conv1D weights and biases in `dtype`; returns the parameters cast.
+
+    Under autocast these are cast to `dtype` at every use anyway (addmm/linear are autocast-to-16-bit ops), so
+    keeping them in 16-bit changes no result. Embedding weights (also the tied LM head) and LayerNorm stay fp32:
+    they feed fp32 paths (the residual stream, layer_norm), where 16-bit storage would change results.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, Conv1D)):
+            for name, p in m.named_parameters(recurse=False):
+                if not p.requires_grad and p.is_floating_point() and id(p) not in embedding_params and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+                    n += p.numel()
+    return n

@@ -232,3 +232,18 @@ def test_special_tokens_reach_the_model_config_and_test_split_is_evaluated(corpu
     assert exported.config.eos_token_id == 50257 and exported.config.pad_token_id == 50258
     assert GenerationConfig.from_pretrained(summary["export"]["model"]).eos_token_id == 50257
     assert summary["test_ppl"] > 1
+
+
+def test_frozen_weights_in_16bit_change_no_result(corpus, tmp_path):
+    """LoRA under bf16 autocast: frozen matmul weights stored in bf16 vs fp32 give the same losses (autocast casts
+    them to bf16 at every use anyway), while the stored weights are half the size."""
+    lora = {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}, "precision": "bf16"}
+    _, a = run_inprocess(corpus, tmp_path / "a", memory={**lora, "frozen_weights_16bit": True}, optim={"lr": 1e-2})
+    _, b = run_inprocess(corpus, tmp_path / "b", memory={**lora, "frozen_weights_16bit": False}, optim={"lr": 1e-2})
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-6)
+    from engine.model import cast_frozen_matmul_weights
+
+    model = build_model(validate_dict(tiny_overrides(corpus, tmp_path, memory=lora)), 50257)
+    n = cast_frozen_matmul_weights(model, torch.bfloat16)
+    assert n == 2 * (32 * 96 + 96 + 32 * 32 + 32 + 32 * 128 + 128 + 128 * 32 + 32)  # c_attn, attn c_proj, c_fc, mlp c_proj
+    assert model.base_model.model.transformer.wte.weight.dtype == torch.float32

@@ -15,6 +15,7 @@ from engine.config import RunConfig
 from engine.distributed import DistEnv
 from engine.errors import ConfigError
 from engine.loss import lm_loss_sum
+from engine.model import cast_frozen_matmul_weights
 from engine.optim import DynamicLossScale, InBackwardOptimizer, build_optimizer, build_scheduler, lr_lambda
 
 
@@ -35,6 +36,8 @@ class TorchBackend(Backend):
         # fp32 master weights; autocast runs matmuls in 16-bit and keeps 16-bit activations for backward.
         if any(p.device != self.device for p in model.parameters()):
             model = model.to(self.device)
+        if cfg.memory.precision != "fp32" and cfg.memory.frozen_weights_16bit:
+            cast_frozen_matmul_weights(model, self.dtype)
         self.model = model
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
