@@ -181,6 +181,10 @@ class LoggingConfig(Section):
     log_every: int = Field(10, gt=0)
     progress: bool = True
     overwrite: bool = Field(False, description="Allow reusing an output_dir that holds another run.")
+    track_memory: bool = Field(
+        False, description="Track tensor memory by category (parameters, gradients, optimizer, activations, "
+        "temporaries) per rank and log the peak each step; costs some speed."
+    )
 
 
 class SampleConfig(Section):

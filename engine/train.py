@@ -174,6 +174,16 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
         _say(env, f"resumed from {resume_from} at step {step}")
 
     meter = MemoryMeter(backend.device)
+    tracker = None
+    if cfg.logging.track_memory:
+        from engine.memory.tracker import CUDA_BLOCK, MemoryTracker
+
+        tracker = MemoryTracker(round_to=CUDA_BLOCK if backend.device.type == "cuda" else 1)
+        tracker.track_model(getattr(backend.model, "module", backend.model))
+        for opt in backend.optimizers():
+            tracker.track_optimizer(opt)
+            tracker.track_attributes(opt, "optimizer")  # ZeRO's fp32 partitions live in attributes
+        tracker.__enter__()
     metrics_path = out / "metrics.jsonl"
     metrics = open(metrics_path, "a", encoding="utf-8") if env.is_main else None
     val = splits.get("validation")
@@ -229,6 +239,11 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
                "tokens": tokens_seen, "tokens_per_s": tps, "peak_mem_mib": meter.peak_mib(), "skipped": stats.skipped}
         if stats.loss_scale is not None:
             rec["loss_scale"] = stats.loss_scale
+        if tracker is not None:
+            if cfg.memory.optimizer_in_backward:
+                for opt in backend.optimizers():
+                    tracker._tag_optimizer_state(opt)
+            rec["tracked"] = tracker.summary()
         log(rec)
         if pbar:
             pbar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{stats.lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
@@ -246,9 +261,13 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
             checkpoint(step)
     if pbar:
         pbar.close()
+    if tracker is not None:
+        tracker.__exit__(None, None, None)
 
     summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "tokens_seen": tokens_seen,
                "peak_mem_mib": meter.peak_mib(), "params": counts}
+    if tracker is not None:
+        summary["tracked_memory"] = tracker.summary()
     if val_batches and cfg.eval.at_end:
         ev = evaluate(val_batches)
         best_val = min(best_val, ev["val_loss"])

@@ -247,3 +247,14 @@ def test_frozen_weights_in_16bit_change_no_result(corpus, tmp_path):
     n = cast_frozen_matmul_weights(model, torch.bfloat16)
     assert n == 2 * (32 * 96 + 96 + 32 * 32 + 32 + 32 * 128 + 128 + 128 * 32 + 32)  # c_attn, attn c_proj, c_fc, mlp c_proj
     assert model.base_model.model.transformer.wte.weight.dtype == torch.float32
+
+
+def test_training_loop_logs_tracked_memory_by_category(corpus, tmp_path):
+    summary, _ = run_inprocess(corpus, tmp_path / "run", logging={"track_memory": True})
+    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert all("tracked" in r for r in recs)
+    t = summary["tracked_memory"]
+    param_mib = summary["params"]["total"] * 4 / 2**20
+    assert t["parameters_mib"] == pytest.approx(param_mib, rel=1e-3)
+    assert t["optimizer_mib"] == pytest.approx(2 * param_mib, rel=1e-2)  # AdamW m and v
+    assert t["peak_mib"] > t["parameters_mib"] + t["optimizer_mib"]

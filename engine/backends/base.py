@@ -61,6 +61,13 @@ class Backend(ABC):
         to export. `ckpt_dir` is the checkpoint just written for this step (some backends export from it)."""
         yield self.model
 
+    def optimizers(self) -> list:
+        """The optimizer objects holding state (several for the in-backward path)."""
+        opt = getattr(self, "optimizer", None)
+        if opt is None:
+            return []
+        return list(opt.optimizers.values()) if hasattr(opt, "optimizers") else [opt]
+
     def autocast(self):
         return contextlib.nullcontext()
 

@@ -128,6 +128,33 @@ class MemoryTracker(TorchDispatchMode):
                 if isinstance(v, torch.Tensor):
                     self._retag(v, "optimizer")
 
+    def track_attributes(self, obj, category: str, depth: int = 2) -> None:
+        """Register tensors held in `obj`'s attributes (lists/dicts too, `depth` levels): e.g. DeepSpeed's ZeRO
+        optimizer keeps its fp32 partitions and flat buffers there, created before tracking started."""
+        seen: set[int] = set()
+
+        def walk(x, d):
+            if id(x) in seen or d < 0:
+                return
+            seen.add(id(x))
+            if isinstance(x, torch.Tensor):
+                if x.device.type != "meta" and not self._known(x):
+                    self._retag(x, category)
+            elif isinstance(x, (list, tuple)):
+                for v in x:
+                    walk(v, d - 1)
+            elif isinstance(x, dict):
+                for v in x.values():
+                    walk(v, d - 1)
+            elif hasattr(x, "__dict__") and d > 0 and not isinstance(x, torch.nn.Module):
+                for v in vars(x).values():
+                    walk(v, d - 1)
+
+        walk(obj, depth)
+
+    def _known(self, t: torch.Tensor) -> bool:
+        return all(st._cdata in self._live for st in get_untyped_storages(t))
+
     def track_other(self, *tensors) -> None:
         for t in tree_flatten(tensors)[0]:
             if isinstance(t, torch.Tensor):
@@ -161,6 +188,6 @@ class MemoryTracker(TorchDispatchMode):
         return out
 
     def summary(self, unit: int = 2**20) -> dict[str, float]:
-        d = {f"{c}_mib": round(v / unit, 1) for c, v in self.peak_breakdown.items()}
-        d["peak_mib"] = round(self.peak / unit, 1)
+        d = {f"{c}_mib": round(v / unit, 3) for c, v in self.peak_breakdown.items()}
+        d["peak_mib"] = round(self.peak / unit, 3)
         return d
