@@ -156,11 +156,20 @@ def test_optimizer_in_backward_matches_the_plain_step(corpus, tmp_path, optim):
     """Per-parameter steps inside backward are the same update as one step after backward (no clipping):
     20 steps of losses within 1e-5 (fp32) of the plain path with the same optimizer."""
     common = dict(optim={"name": optim, "grad_clip": None}, train={"max_steps": 20})
-    _, plain = run_inprocess(corpus, tmp_path / "plain", **common)
-    _, fused = run_inprocess(corpus, tmp_path / "fused", memory={"optimizer_in_backward": True, "loss_chunk_size": 32,
-                                                                 "activation_checkpointing": True}, **common)
+    plain_run, plain = run_inprocess(corpus, tmp_path / "plain", **common)
+    fused_run, fused = run_inprocess(corpus, tmp_path / "fused", memory={"optimizer_in_backward": True,
+                                                                         "loss_chunk_size": 32,
+                                                                         "activation_checkpointing": True}, **common)
     assert len(fused) == 20 and fused[-1] < fused[0]
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=0, atol=1e-4)
+    # the fused run exports and reloads like any other: same logits as the plain run's export
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(fused_run["export"]["model"]).eval()
+    b = AutoModelForCausalLM.from_pretrained(plain_run["export"]["model"]).eval()
+    x = torch.randint(0, 50257, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(a(x).logits, b(x).logits, atol=1e-3, rtol=1e-3)
 
 
 def test_optimizer_in_backward_rejects_accumulation_and_clipping(corpus, tmp_path):
