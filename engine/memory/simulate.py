@@ -89,7 +89,9 @@ def zero_model_states(n_params: int, n_trainable: int, stage: int, world: int, p
                  layer (16-bit param + grad: 4 B x its params), as DeepSpeed's stage-3 estimate counts it
     With offload_optimizer the fp32 master/grads/state live in host RAM (stage >= 2 also streams the 16-bit
     gradients there, so only params16 stay on the device); offload_params moves the 16-bit params too.
-    fp32 training has no separate master copy or fp32 gradient copy: 4 + 4 + K.
+    fp32 training under ZeRO >= 1 still keeps a separate fp32 master partition (4/N), and stage 3 a separate fp32
+    gradient partition (4/N), as measured on real 2-rank runs (`logging.track_memory`); stage 0 steps the module's
+    own weights.
     """
     half = precision in ("fp16", "bf16")
     n = max(world, 1)
@@ -99,13 +101,14 @@ def zero_model_states(n_params: int, n_trainable: int, stage: int, world: int, p
     params = n_params * w / (n if stage == 3 else 1)
     work = 4 * largest_layer_params if stage == 3 else 0
     if stage == 3:
-        grads = 0.0  # 16-bit grads are transient; the fp32 partition is counted in the optimizer share
-        opt = n_trainable * (extra32 + K) / n if half else n_trainable * (4 + K) / n
+        grads = 0.0  # module grads are transient; the fp32 partition is counted in the optimizer share
+        opt = n_trainable * (8 + K) / n  # fp32 master + fp32 grad partition + state
     else:
         grads = n_trainable * w / (n if stage >= 2 else 1)
-        opt = n_trainable * (extra32 + K) / (n if stage >= 1 else 1) if half else n_trainable * K / (n if stage >= 1 else 1)
-        if not half:
-            grads = n_trainable * 4 / (n if stage >= 2 else 1)
+        if half:
+            opt = n_trainable * (extra32 + K) / (n if stage >= 1 else 1)
+        else:
+            opt = n_trainable * ((4 if stage >= 1 else 0) + K) / (n if stage >= 1 else 1)
     host = 0.0
     if offload_optimizer:
         host += opt
