@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -63,9 +63,6 @@ class Measurement:
     params: dict
     cuda_allocated: int | None = None
     cuda_reserved: int | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def model_shape(cfg: RunConfig) -> tuple[int, int]:

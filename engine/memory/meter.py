@@ -27,12 +27,3 @@ class MemoryMeter:
 
     def peak_mib(self) -> float:
         return round(self.peak_bytes() / 2**20, 1)
-
-    def snapshot(self) -> dict:
-        snap = {"peak_rss_mib": round(peak_rss_bytes() / 2**20, 1)}
-        if self.device.type == "cuda":
-            snap.update(
-                peak_allocated_mib=round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1),
-                peak_reserved_mib=round(torch.cuda.max_memory_reserved(self.device) / 2**20, 1),
-            )
-        return snap

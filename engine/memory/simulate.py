@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
@@ -149,10 +149,6 @@ class SimResult:
     def with_gpu_margin(self) -> int:
         return int(self.peak_bytes * (1 + GPU_OVERHEAD["fragmentation"]) + GPU_OVERHEAD["context_bytes"])
 
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["peak_gib"] = round(self.peak_gib, 3)
-        return d
 
 
 def _fake_bnb_step(optimizer) -> None:

@@ -12,7 +12,7 @@ Categories at the peak:
   optimizer    tensors held in `optimizer.state` after a step
   activations  created in forward and still alive (saved for backward, outputs, logits)
   temporaries  created in backward (incl. checkpoint recompute) or inside the optimizer step
-  other        anything registered from outside (inputs)
+  other        (reserved: tensors registered from outside the model and optimizer)
 """
 
 from __future__ import annotations
@@ -99,10 +99,6 @@ class MemoryTracker(TorchDispatchMode):
     def current_total(self) -> int:
         return sum(self.current.values())
 
-    def reset_peak(self) -> None:
-        self.peak = self.current_total
-        self.peak_breakdown = {c: self.current.get(c, 0) for c in CATEGORIES}
-
     # -- registration of what exists before tracking starts
     def track_model(self, model: torch.nn.Module) -> None:
         for p in model.parameters():
@@ -154,11 +150,6 @@ class MemoryTracker(TorchDispatchMode):
 
     def _known(self, t: torch.Tensor) -> bool:
         return all(st._cdata in self._live for st in get_untyped_storages(t))
-
-    def track_other(self, *tensors) -> None:
-        for t in tree_flatten(tensors)[0]:
-            if isinstance(t, torch.Tensor):
-                self._retag(t, "other")
 
     # -- the mode
     def __enter__(self):
