@@ -8,9 +8,12 @@ A matrix YAML:
     name: cpu_gpt2                  # results go to benchmarks/results/<name>/
     mode: measure                   # measure (real steps on this device) | simulate (fake tensors)
     kernel: cpu                     # simulate only: cpu | cuda (GPU flash kernels, allocator rounding)
-    world_size: 1                   # simulate only: ranks ZeRO partitions model states over
+    world_size: 1                   # ranks: simulate partitions ZeRO model states over them; measure runs a
+                                    # ZeRO config under the deepspeed launcher with that many ranks (a config
+                                    # may set its own with a `world_size=2` entry)
     steps: 3                        # optimizer steps (measure: after 1 warm-up step)
-    baseline: true                  # also run the seeds' recipe (HF Trainer, fp32 AdamW, padding=max_length)
+    baseline: true                  # also run the seeds' recipe (HF Trainer, fp32 AdamW, padding=max_length);
+                                    # simulate mode simulates that recipe (BASELINE_RECIPE) through the engine's step
     base: [model.init=random, model.name=gpt2, data.block_size=256, train.micro_batch_size=2]
     configs:                        # named override lists, each on top of `base`
       fp32-adamw: []
@@ -40,11 +43,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 MIB = 2**20
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries", "other")
+# The seeds' recipe as engine settings, for simulating it: fp32, torch AdamW (fused: the HF Trainer default),
+# clipping at 1.0 (its default), HF's unfused GELU, no checkpointing, no 8-bit states, no chunked loss. Padding to
+# max_length changes how many tokens are useful, not memory at a fixed length. Checked against the measured HF Trainer run by validate_simulation.py.
+BASELINE_RECIPE = ["memory.precision=fp32", "optim.name=adamw", "optim.grad_clip=1.0", "memory.fused_gelu=false",
+                   "memory.activation_checkpointing=false", "memory.loss_chunk_size=null", "memory.lora.enabled=false",
+                   "memory.optimizer_in_backward=false", "memory.zero_stage=0", "memory.offload_optimizer=false"]
+BASELINE_NAME = "baseline (HF Trainer recipe)"
 
 
-def expand(matrix: dict) -> list[tuple[str, list[str]]]:
-    """(name, overrides) for every configuration of the matrix."""
-    base = list(matrix.get("base", []))
+def expand(matrix: dict, set_overrides: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """(name, overrides) for every configuration of the matrix; `set_overrides` go on top of `base`."""
+    base = list(matrix.get("base", [])) + list(set_overrides or [])
     jobs = [(name, base + list(ov or [])) for name, ov in (matrix.get("configs") or {}).items()]
     axes = matrix.get("axes") or {}
     if axes:
@@ -54,7 +64,15 @@ def expand(matrix: dict) -> list[tuple[str, list[str]]]:
             jobs.append((",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values)), base + ov))
     if not jobs:
         raise SystemExit("error: the matrix has no configs and no axes")
+    if matrix.get("baseline") and matrix.get("mode") == "simulate":
+        jobs.insert(0, (BASELINE_NAME, base + BASELINE_RECIPE))
     return jobs
+
+
+def split_world(overrides: list[str], default: int) -> tuple[list[str], int]:
+    """Pull a config's own `world_size=N` entry out of its overrides."""
+    world = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("world_size=")]
+    return [o for o in overrides if not o.startswith("world_size=")], (world[-1] if world else default)
 
 
 # ----------------------------------------------------------------------------- one configuration (subprocess)
@@ -63,6 +81,7 @@ def expand(matrix: dict) -> list[tuple[str, list[str]]]:
 def run_one(name: str, overrides: list[str], mode: str, kernel: str, steps: int, world_size: int = 1) -> dict:
     from engine.config import load_config
 
+    overrides, world_size = split_world(overrides, world_size)
     cfg = load_config(None, overrides)
     row = {"name": name, "mode": mode, "model": cfg.model.name, "seq": cfg.data.block_size,
            "micro_batch": cfg.train.micro_batch_size, "zero_stage": cfg.memory.zero_stage,
@@ -73,10 +92,18 @@ def run_one(name: str, overrides: list[str], mode: str, kernel: str, steps: int,
         from engine.memory.simulate import simulate
 
         sim = simulate(cfg, kernel=kernel, steps=2, zero_world=world_size)
-        row["with_gpu_margin_mib"] = sim.with_gpu_margin() / MIB if kernel == "cuda" else None
+        if kernel == "cuda":
+            from engine.memory.gpus import smallest_class
+
+            row["with_gpu_margin_mib"] = sim.with_gpu_margin() / MIB
+            row["smallest_gpu"] = smallest_class(sim.with_gpu_margin()) or "> 80 GB"
         row.update(world_size=world_size, kernel=f"{kernel} ({'flash SDPA stand-in' if kernel == 'cuda' else 'this CPU'})",
                    peak_mib=sim.peak_bytes / MIB, seconds=sim.seconds,
+                   host_offload_mib=(sim.zero or {}).get("host", 0) / MIB,
                    **{f"{c}_mib": sim.breakdown.get(c, 0) / MIB for c in CATEGORIES})
+        return row
+    if world_size > 1 or cfg.memory.zero_stage > 0:
+        row.update(run_distributed(overrides, steps, world_size), world_size=world_size)
         return row
     from engine.memory.measure import measure
 
@@ -85,6 +112,39 @@ def run_one(name: str, overrides: list[str], mode: str, kernel: str, steps: int,
                step_seconds=m.step_seconds, tokens_per_s=m.tokens_per_s, useful_tokens_per_s=m.tokens_per_s,
                mfu=m.mfu, **{f"{c}_mib": m.breakdown.get(c, 0) / MIB for c in CATEGORIES})
     return row
+
+
+def run_distributed(overrides: list[str], steps: int, world_size: int) -> dict:
+    """A DeepSpeed configuration measured for real: `engine train` under the deepspeed launcher with
+    `logging.track_memory` (rank 0's tracked peak by category), 1 warm-up step + `steps` timed steps."""
+    import os
+    import shutil
+    import socket
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="bench_ds_"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size), "--master_port", str(port),
+           str(ROOT / "launch" / "train.py"), *overrides, f"logging.output_dir={out}", "logging.track_memory=true",
+           "logging.overwrite=true", "logging.progress=false", "logging.log_every=1", f"train.max_steps={steps + 1}",
+           "eval.every_n_steps=0", "eval.at_end=false", "sample.max_new_tokens=0"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        if r.returncode != 0:
+            raise RuntimeError((r.stderr.strip().splitlines() or r.stdout.strip().splitlines() or ["failed"])[-1])
+        summary = json.loads((out / "summary.json").read_text())
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        tps = sorted(r["tokens_per_s"] for r in recs if "tokens_per_s" in r and r["step"] > 1)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    tracked = summary["tracked_memory"]
+    median = tps[len(tps) // 2] if tps else None
+    return {"kernel": "measured (rank 0)", "peak_mib": tracked["peak_mib"], "peak_rss_mib": summary.get("peak_mem_mib"),
+            "tokens_per_s": median, "useful_tokens_per_s": median, "step_seconds": None, "mfu": None,
+            **{f"{c}_mib": tracked.get(f"{c}_mib", 0) for c in CATEGORIES}}
 
 
 def run_baseline(overrides: list[str], steps: int) -> dict:
@@ -166,10 +226,12 @@ def write_reports(rows: list[dict], out: Path, matrix: dict, env: dict) -> None:
     if measured:
         head += ["peak RSS MiB", "tokens/s", "useful tok/s", "MFU"]
     gpu = not measured and matrix.get("kernel") == "cuda"
+    if not measured:
+        head += ["ranks", "offloaded to host MiB"]
     if gpu:
-        head += ["+ GPU margin MiB"]
+        head += ["+ GPU margin MiB", "smallest GPU"]
     if base:
-        head += ["memory vs baseline", "useful tok/s vs baseline"]
+        head += ["memory vs baseline"] + (["useful tok/s vs baseline"] if measured else [])
     lines = [f"# {matrix.get('name')}: {'measured on ' + env['device'] if measured else 'SIMULATED (' + matrix.get('kernel', 'cpu') + ' kernels)'}",
              "", f"Command: `{env['command']}`. torch {env['torch']}, transformers {env['transformers']}, "
              f"deepspeed {env['deepspeed']}. MiB = 2^20 bytes. Categories are at the moment of the peak.", "",
@@ -186,16 +248,21 @@ def write_reports(rows: list[dict], out: Path, matrix: dict, env: dict) -> None:
         if measured:
             cells += [fmt(r.get("peak_rss_mib")), fmt(r.get("tokens_per_s"), 1), fmt(r.get("useful_tokens_per_s"), 1),
                       fmt(r.get("mfu"), 3)]
+        if not measured:
+            cells += [fmt(r.get("world_size")), fmt(r.get("host_offload_mib"))]
         if gpu:
-            cells += [fmt(r.get("with_gpu_margin_mib"))]
+            cells += [fmt(r.get("with_gpu_margin_mib")), r.get("smallest_gpu", "")]
         if base:
-            cells += [fmt(r.get("memory_vs_baseline"), 2) + "x" if r.get("memory_vs_baseline") else "",
-                      fmt(r.get("useful_tps_vs_baseline"), 2) + "x" if r.get("useful_tps_vs_baseline") else ""]
+            cells += [fmt(r.get("memory_vs_baseline"), 2) + "x" if r.get("memory_vs_baseline") else ""]
+            if measured:
+                cells += [fmt(r.get("useful_tps_vs_baseline"), 2) + "x" if r.get("useful_tps_vs_baseline") else ""]
         lines.append("| " + " | ".join(cells) + " |")
     if gpu:
         lines += ["", "Simulated: fake tensors through the engine's own step, CUDA flash-attention stand-in, 512-byte "
                   "allocator rounding. '+ GPU margin' adds 512 MiB + 5% for the CUDA context, workspaces and "
-                  "fragmentation, which the simulation does not see (docs/MEMORY.md)."]
+                  "fragmentation, which the simulation does not see (docs/MEMORY.md). 'smallest GPU': the smallest "
+                  "class whose card's total memory (nvidia-smi) holds that figure: 8 GB = 8,192 MiB, 16 GB = T4 "
+                  "15,360 MiB, 24 GB = A10G 23,028 MiB, 40 GB = A100 40,960 MiB, 80 GB = H100 81,559 MiB."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(rows, out, matrix, measured)
 
@@ -258,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("matrix", nargs="?")
     ap.add_argument("--out", help="default: benchmarks/results/<matrix name>")
+    ap.add_argument("--name", help="results name (default: the matrix's `name`)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides on top of the matrix's base, e.g. --set model.name=gpt2-large")
+    ap.add_argument("--mode", choices=["measure", "simulate"], help="override the matrix's mode")
+    ap.add_argument("--kernel", choices=["cpu", "cuda"], help="override the matrix's simulation kernels")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -271,12 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.matrix:
         ap.error("a matrix YAML is required")
     matrix = yaml.safe_load(Path(args.matrix).read_text())
+    for key in ("name", "mode", "kernel"):
+        if getattr(args, key):
+            matrix[key] = getattr(args, key)
     mode, kernel, steps = matrix.get("mode", "measure"), matrix.get("kernel", "cpu"), int(matrix.get("steps", 3))
     world = int(matrix.get("world_size", 1))  # simulate: ZeRO partitions over this many ranks
     jobs = [{"name": n, "overrides": ov, "mode": mode, "kernel": kernel, "steps": steps, "world_size": world}
-            for n, ov in expand(matrix)]
+            for n, ov in expand(matrix, args.set)]
     if matrix.get("baseline") and mode == "measure":
-        jobs.insert(0, {"name": "__baseline__", "overrides": list(matrix.get("base", [])), "steps": steps})
+        jobs.insert(0, {"name": "__baseline__", "overrides": list(matrix.get("base", [])) + args.set, "steps": steps})
     from tqdm import tqdm
 
     rows = []

@@ -18,9 +18,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
+BASELINE = "baseline-hf-trainer"
 # name -> overrides; every one runs on gpt2 and gpt2-medium (random init, dropout 0.1 as released)
 CONFIGS: dict[str, list[str]] = {
     "fp32-adamw": [],
@@ -34,6 +37,8 @@ CONFIGS: dict[str, list[str]] = {
     "bf16-autocast-ckpt": ["memory.precision=bf16", "memory.activation_checkpointing=true"],
     "gelu-unfused": ["memory.fused_gelu=false"],
     "accum2-chunk": ["train.grad_accum_steps=2", "memory.loss_chunk_size=128"],
+    # measured: the HF Trainer run itself (benchmarks/run.py's baseline); simulated: its recipe through the engine's step
+    BASELINE: [],
 }
 
 
@@ -45,10 +50,19 @@ def one(size: str, name: str, seq: int, micro: int, steps: int, quick: bool) -> 
     base = ["model.init=random", f"model.name={size}", f"data.block_size={seq}", f"train.micro_batch_size={micro}"]
     if quick:
         base += ["model.n_layer=2", "model.n_embd=64", "model.n_head=2"]
-    cfg = load_config(None, base + CONFIGS[name])
-    sim = simulate(cfg, kernel="cpu", steps=steps)
-    t = time.perf_counter()
-    real = measure(cfg, steps=steps, warmup=0)
+    if name == BASELINE:
+        from benchmarks.run import BASELINE_RECIPE, run_baseline
+
+        sim = simulate(load_config(None, base + BASELINE_RECIPE), kernel="cpu", steps=steps)
+        t = time.perf_counter()
+        hf = run_baseline(base, steps - 1)  # its first step is a warm-up: steps in all
+        real = SimpleNamespace(peak_bytes=hf["peak_mib"] * 2**20, peak_rss_bytes=hf["peak_rss_mib"] * 2**20,
+                               breakdown={c: hf[f"{c}_mib"] * 2**20 for c in sim.breakdown})
+    else:
+        cfg = load_config(None, base + CONFIGS[name])
+        sim = simulate(cfg, kernel="cpu", steps=steps)
+        t = time.perf_counter()
+        real = measure(cfg, steps=steps, warmup=0)
     return {
         "model": size, "config": name, "seq": seq, "micro_batch": micro,
         "measured_peak_mib": round(real.peak_bytes / 2**20, 1),

@@ -30,8 +30,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu"
     groups = param_groups(model, cfg.weight_decay)
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "adamw":
-        # fused/foreach kernels keep fewer temporaries alive on GPU; foreach is the portable default.
-        return torch.optim.AdamW(groups, **kw)
+        # The fused kernel updates each tensor in place: no temporaries. torch's default on CUDA is the foreach
+        # kernel, whose sqrt(exp_avg_sq) alone is a second full copy of the state (+4 B/param at the step's peak).
+        return torch.optim.AdamW(groups, fused=True, **kw)
     if cfg.name in ("adamw_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 

@@ -33,6 +33,14 @@ def test_zero3_device_states_equal_deepspeed_estimate(world, offload):
     assert ours["device_total"] == ds_gpu
 
 
+def test_zero_reduce_buckets_exact_bytes():
+    """Outside the model states: one reduce bucket in the gradient dtype, two with overlap_comm (ZeRO-1/2)."""
+    assert zero_model_states(XL, XL, 0, 1, "fp16", reduce_bucket_size=5e7)["buffers"] == 0
+    assert zero_model_states(XL, XL, 2, 8, "fp16", reduce_bucket_size=5e7)["buffers"] == 100_000_000
+    assert zero_model_states(XL, XL, 2, 8, "fp16", reduce_bucket_size=5e7, overlap_comm=True)["buffers"] == 200_000_000
+    assert zero_model_states(XL, XL, 3, 8, "fp32", reduce_bucket_size=5e7, overlap_comm=True)["buffers"] == 200_000_000
+
+
 def test_fp32_adamw_gpt2_xl_does_not_fit_24_gib():
     states = zero_model_states(XL, XL, 0, 1, "fp32")
     assert states["device_total"] == 16 * XL  # 23.2 GiB before any activation

@@ -78,7 +78,7 @@ def _register_standin() -> str:
 
 def zero_model_states(n_params: int, n_trainable: int, stage: int, world: int, precision: str,
                       optimizer: str = "adamw", offload_optimizer: bool = False, offload_params: bool = False,
-                      largest_layer_params: int = 0) -> dict:
+                      largest_layer_params: int = 0, reduce_bucket_size: float = 0, overlap_comm: bool = False) -> dict:
     """Per-rank bytes of model states under DeepSpeed ZeRO, on the device and in host RAM (pure function).
 
     Mixed precision (fp16/bf16) keeps 16-bit module weights, fp32 master weights, fp32 gradient partitions
@@ -92,6 +92,9 @@ def zero_model_states(n_params: int, n_trainable: int, stage: int, world: int, p
     fp32 training under ZeRO >= 1 still keeps a separate fp32 master partition (4/N), and stage 3 a separate fp32
     gradient partition (4/N), as measured on real 2-rank runs (`logging.track_memory`); stage 0 steps the module's
     own weights.
+    `buffers` (not in `device_total`, which is the model-state figure DeepSpeed's estimators give): the gradient
+    reduction bucket of `reduce_bucket_size` elements in the gradient dtype, two of them with `overlap_comm`,
+    allocated by stages 1-3 whatever the model size (measured on real 2-rank runs: exactly one bucket on CPU).
     """
     half = precision in ("fp16", "bf16")
     n = max(world, 1)
@@ -119,7 +122,8 @@ def zero_model_states(n_params: int, n_trainable: int, stage: int, world: int, p
     if offload_params:
         host += params
         params = 0.0
-    out = {"params": params + work, "grads": grads, "optimizer": opt, "host": host}
+    buffers = reduce_bucket_size * w * (2 if overlap_comm and stage < 3 else 1) if stage >= 1 else 0
+    out = {"params": params + work, "grads": grads, "optimizer": opt, "host": host, "buffers": buffers}
     out["device_total"] = out["params"] + out["grads"] + out["optimizer"]
     return {k: int(v) for k, v in out.items()}
 
@@ -204,7 +208,7 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
     mem = cfg.memory
     deepspeed = mem.zero_stage > 0 or cfg.train.backend == "deepspeed"
     micro, seq = cfg.train.micro_batch_size, cfg.data.block_size
-    notes = []
+    notes, zero = [], None
     tracker = MemoryTracker(round_to=CUDA_BLOCK if kernel == "cuda" else 1)
     # Token ids are real tensors (their count is read on the host); everything else is fake.
     x = torch.randint(0, 50257, (micro, seq), generator=torch.Generator().manual_seed(0))
@@ -219,6 +223,12 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
         backend = None
         if deepspeed:
             model.train()
+            from engine.backends.deepspeed_backend import make_ds_config
+
+            ds_zero = make_ds_config(cfg, zero_world, "cuda" if kernel == "cuda" else "cpu")["zero_optimization"]
+            zero = zero_model_states(counts["total"], counts["trainable"], mem.zero_stage, zero_world, mem.precision,
+                                     cfg.optim.name, mem.offload_optimizer, mem.offload_params, largest,
+                                     ds_zero.get("reduce_bucket_size", 0), ds_zero.get("overlap_comm", False))
         else:
             # Optimizer constructors may compute real constants (bitsandbytes' quantization maps).
             with unset_fake_temporarily():
@@ -233,7 +243,22 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
                     opt.step = (lambda o: (lambda *a, **k: _fake_bnb_step(o)))(opt)
             model = backend.model
         tracker.track_model(model)
+        bucket: list[torch.Tensor] = []
         with tracker, warnings.catch_warnings():
+            if zero and zero["buffers"]:
+                # DeepSpeed's gradient reduction bucket(s): ZeRO-3 allocates them at start-up, ZeRO-1/2 when the
+                # first parameter's gradient is ready (`process_gradients` -> `setup_buckets`).
+                def allocate_bucket(*_):
+                    if not bucket:
+                        bucket.append(torch.empty(zero["buffers"], dtype=torch.uint8))
+                        tracker.tag(bucket[0], "other")
+
+                if mem.zero_stage == 3:
+                    allocate_bucket()
+                else:
+                    for p in model.parameters():
+                        if p.requires_grad:
+                            p.register_post_accumulate_grad_hook(allocate_bucket)
             # the bitsandbytes step is replaced by state allocation, which LambdaLR notices and warns about
             warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
             for _ in range(steps):
@@ -247,15 +272,17 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
                         (loss_sum / n).backward()
                         del loss_sum, n
                     model.zero_grad(set_to_none=True)
+                    if mem.zero_stage < 3:
+                        bucket.clear()  # ZeRO-1/2 drop the bucket after the step
     breakdown = dict(tracker.peak_breakdown)
     peak = tracker.peak
-    zero = None
     if deepspeed:
-        zero = zero_model_states(counts["total"], counts["trainable"], mem.zero_stage, zero_world, mem.precision,
-                                 cfg.optim.name, mem.offload_optimizer, mem.offload_params, largest)
         # The simulated run held full 16-bit params and grads; replace them by this rank's partitions and add
-        # the optimizer partition (DeepSpeed's fp32 masters, fp32 grads and Adam states).
+        # the optimizer partition (DeepSpeed's fp32 masters, fp32 grads and Adam states). The reduce bucket was
+        # allocated in the run itself (as "other"); it is shown with the gradients.
         peak = peak - breakdown["parameters"] - breakdown["gradients"] + zero["device_total"]
-        breakdown.update(parameters=zero["params"], gradients=zero["grads"], optimizer=zero["optimizer"])
+        breakdown.update(parameters=zero["params"], gradients=zero["grads"] + breakdown.pop("other", 0),
+                         optimizer=zero["optimizer"])
+        breakdown["other"] = 0
         notes.append("ZeRO model states from partitioning rules; activations simulated on one device")
     return SimResult(peak, breakdown, kernel, counts, time.perf_counter() - t0, zero, notes)

@@ -78,6 +78,10 @@ class MemoryTracker(TorchDispatchMode):
         if entry is not None:
             self.current[entry[1]] -= entry[0]
 
+    def tag(self, t: torch.Tensor, category: str) -> None:
+        """File `t`'s storage under `category` (tracked from now on if it was not)."""
+        self._retag(t, category)
+
     def _retag(self, t: torch.Tensor, category: str) -> None:
         for st in get_untyped_storages(t):
             entry = self._live.get(st._cdata)
