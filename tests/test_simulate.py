@@ -93,3 +93,29 @@ def test_gpu_activations_per_layer_match_the_analytic_count(dropout, expected_sb
     per_layer = (acts[1] - acts[0]) / 2
     assert per_layer / (s * b * h) == pytest.approx(expected_sbh, abs=0.1)
     assert per_layer == pytest.approx(34 * s * b * h, rel=0.10)
+
+
+DEEP = ["model.init=random", "model.name=gpt2", "model.n_layer=26", "model.n_embd=64", "model.n_head=2",
+        "model.n_positions=128", "data.block_size=128", "train.micro_batch_size=2"]
+
+
+@pytest.mark.parametrize("overrides,world,kernel", [
+    ([], 1, "cpu"),
+    (["memory.precision=fp16", "memory.activation_checkpointing=true"], 1, "cuda"),
+    (["memory.activation_checkpointing=true", "memory.checkpoint_every_n_layers=3", "optim.name=adamw_8bit"], 1, "cpu"),
+    (["memory.precision=fp16", "optim.name=adamw_8bit", "memory.optimizer_in_backward=true", "optim.grad_clip=null",
+      "memory.activation_checkpointing=true", "memory.loss_chunk_size=64"], 1, "cuda"),
+    (["memory.lora.enabled=true", "memory.activation_checkpointing=true", "memory.checkpoint_every_n_layers=2"], 1, "cuda"),
+    (["memory.precision=fp16", "memory.zero_stage=2", "memory.offload_optimizer=true", "optim.name=cpu_adam"], 1, "cuda"),
+    (["memory.precision=bf16", "memory.zero_stage=3", "memory.activation_checkpointing=true"], 8, "cuda"),
+])
+def test_depth_extrapolation_equals_the_full_simulation(overrides, world, kernel):
+    """`simulate_deep` (two shallow models, phase-wise linear extrapolation) gives the full simulation's peak."""
+    from engine.memory.simulate import simulate_deep
+
+    cfg = load_config(None, DEEP + overrides)
+    deep = simulate_deep(cfg, kernel, zero_world=world)
+    assert "extrapolated" in deep.notes[-1]
+    full = simulate(cfg, kernel, zero_world=world)
+    assert deep.peak_bytes == pytest.approx(full.peak_bytes, rel=1e-3)
+    assert deep.params == full.params

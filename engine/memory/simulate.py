@@ -145,6 +145,7 @@ class SimResult:
     seconds: float
     zero: dict | None = None
     notes: list[str] = field(default_factory=list)
+    phase_peaks: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)
 
     @property
     def peak_gib(self) -> float:
@@ -192,7 +193,67 @@ def fake_model(cfg: RunConfig, dtype: torch.dtype | None = None) -> torch.nn.Mod
     return model
 
 
-def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: int = 1) -> SimResult:
+# ----------------------------------------------------------------------------- phases, for depth extrapolation
+
+
+def _block_label(i: int, n: int, edge: int) -> str:
+    """Blocks near either end keep their own label; the middle ones share one (memory there is linear in i)."""
+    if n - 1 - i < edge:
+        return f"top{n - 1 - i}"
+    return f"bottom{i}" if i < edge else "mid"
+
+
+def label_phases(model: torch.nn.Module, tracker: MemoryTracker, edge: int) -> list:
+    """Hooks that name the phase the tracker is in: forward per block, the head, backward per block (a block's
+    backward ends when its input's gradient is computed), the optimizer step. Within one label, memory is linear
+    in the model's depth, which is what `simulate_deep` extrapolates."""
+    from engine.loss import _lm_module
+    from engine.memory.tracker import _in_backward
+
+    lm = _lm_module(model)
+    blocks, handles = list(lm.transformer.h), []
+    n = len(blocks)
+
+    def on_block(i: int):
+        def hook(module, args):
+            if _in_backward():  # checkpoint recompute
+                return
+            tracker.phase = f"fwd:{_block_label(i, n, edge)}"
+            h = args[0]
+            if isinstance(h, torch.Tensor) and h.requires_grad:
+                below = f"bwd:{_block_label(i - 1, n, edge)}" if i > 0 else "bwd:embeddings"
+
+                def done(grad, below=below, last=i == 0):
+                    tracker.bwd_phase = below
+                    if last:
+                        tracker.phase = "post-backward"
+
+                h.register_hook(done)
+
+        return hook
+
+    def on_head(module, args, output):
+        tracker.phase, tracker.bwd_phase = "fwd:head", f"bwd:head+{_block_label(n - 1, n, edge)}"
+
+    handles += [b.register_forward_pre_hook(on_block(i)) for i, b in enumerate(blocks)]
+    handles.append(lm.transformer.ln_f.register_forward_hook(on_head))
+    handles.append(lm.transformer.register_forward_pre_hook(lambda m, a: setattr(tracker, "phase", "fwd:embeddings")))
+    return handles
+
+
+def _zero_adjust(total: int, breakdown: dict[str, int], zero: dict | None) -> tuple[int, dict[str, int]]:
+    """A single-device tracked moment -> one ZeRO rank: the full 16-bit params and grads the simulated run held are
+    replaced by this rank's partitions plus the optimizer partition (fp32 masters, fp32 grads, states); the reduce
+    bucket, allocated in the run itself as "other", is shown with the gradients."""
+    if zero is None:
+        return total, dict(breakdown)
+    b = dict(breakdown)
+    total = sum(v for c, v in b.items() if c not in ("parameters", "gradients")) + zero["device_total"]
+    b.update(parameters=zero["params"], gradients=zero["grads"] + b.get("other", 0), optimizer=zero["optimizer"], other=0)
+    return total, b
+
+
+def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: int = 1, phases: bool = False) -> SimResult:
     """Peak memory of `steps` optimizer steps of `cfg` (one rank), simulated on fake tensors.
 
     Torch-backend configurations run `TorchBackend.step_tensors`, the training step itself. DeepSpeed
@@ -209,7 +270,8 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
     deepspeed = mem.zero_stage > 0 or cfg.train.backend == "deepspeed"
     micro, seq = cfg.train.micro_batch_size, cfg.data.block_size
     notes, zero = [], None
-    tracker = MemoryTracker(round_to=CUDA_BLOCK if kernel == "cuda" else 1)
+    tracker = MemoryTracker(round_to=CUDA_BLOCK if kernel == "cuda" else 1,
+                            exclude=("parameters", "gradients") if deepspeed else ())
     # Token ids are real tensors (their count is read on the host); everything else is fake.
     x = torch.randint(0, 50257, (micro, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": x, "labels": x, "n_tokens": micro * (seq - 1)}
@@ -243,6 +305,9 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
                     opt.step = (lambda o: (lambda *a, **k: _fake_bnb_step(o)))(opt)
             model = backend.model
         tracker.track_model(model)
+        if phases:
+            k = mem.checkpoint_every_n_layers if mem.activation_checkpointing else 1
+            label_phases(model, tracker, edge=k + 1)
         bucket: list[torch.Tensor] = []
         with tracker, warnings.catch_warnings():
             if zero and zero["buffers"]:
@@ -274,15 +339,44 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
                     model.zero_grad(set_to_none=True)
                     if mem.zero_stage < 3:
                         bucket.clear()  # ZeRO-1/2 drop the bucket after the step
-    breakdown = dict(tracker.peak_breakdown)
-    peak = tracker.peak
-    if deepspeed:
-        # The simulated run held full 16-bit params and grads; replace them by this rank's partitions and add
-        # the optimizer partition (DeepSpeed's fp32 masters, fp32 grads and Adam states). The reduce bucket was
-        # allocated in the run itself (as "other"); it is shown with the gradients.
-        peak = peak - breakdown["parameters"] - breakdown["gradients"] + zero["device_total"]
-        breakdown.update(parameters=zero["params"], gradients=zero["grads"] + breakdown.pop("other", 0),
-                         optimizer=zero["optimizer"])
-        breakdown["other"] = 0
+    peak, breakdown = _zero_adjust(tracker.peak, tracker.peak_breakdown, zero)
+    phase_peaks = {k: _zero_adjust(t, b, zero) for k, (t, b) in tracker.phase_peaks.items()}
+    if zero is not None:
         notes.append("ZeRO model states from partitioning rules; activations simulated on one device")
-    return SimResult(peak, breakdown, kernel, counts, time.perf_counter() - t0, zero, notes)
+    return SimResult(peak, breakdown, kernel, counts, time.perf_counter() - t0, zero, notes, phase_peaks)
+
+
+def simulate_deep(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: int = 1) -> SimResult:
+    """`simulate` for a deep model in a fraction of the time: two shallow models (L1 and 2*L1 blocks, multiples of
+    the checkpointing period) are simulated with phase labels, each phase's peak and breakdown is extrapolated
+    linearly to the real depth, and the largest phase is the peak. Exactness is tested against full simulations."""
+    from engine.config import GPT2_SIZES
+
+    n = cfg.model.n_layer or GPT2_SIZES[cfg.model.size][0]
+    k = cfg.memory.checkpoint_every_n_layers if cfg.memory.activation_checkpointing else 1
+    # Every phase label present, and the same checkpointing pattern from the top block down as at depth n.
+    l1 = 2 * (k + 1) + 2
+    l1 += (n - l1) % k
+    l2 = l1 + k * -(-l1 // k)
+    if n <= l2:
+        return simulate(cfg, kernel, steps, zero_world)
+    t0 = time.perf_counter()
+    runs = []
+    for depth in (l1, l2):
+        shallow = cfg.model_copy(deep=True)
+        shallow.model.n_layer = depth
+        runs.append(simulate(shallow, kernel, steps, zero_world, phases=True))
+    a, b = runs
+
+    def line(x1: int, x2: int) -> int:
+        return x1 + (x2 - x1) * (n - l1) // (l2 - l1)
+
+    phases = {}
+    for key in a.phase_peaks.keys() & b.phase_peaks.keys():
+        (t1, b1), (t2, b2) = a.phase_peaks[key], b.phase_peaks[key]
+        phases[key] = (line(t1, t2), {c: line(b1[c], b2[c]) for c in b1})
+    key = max(phases, key=lambda p: phases[p][0])
+    zero = {c: line(a.zero[c], b.zero[c]) for c in a.zero} if a.zero else None
+    return SimResult(phases[key][0], phases[key][1], kernel, {c: line(a.params[c], b.params[c]) for c in a.params},
+                     time.perf_counter() - t0, zero, a.notes + [f"extrapolated from {l1} and {l2} blocks; peak in {key}"],
+                     phases)

@@ -38,12 +38,15 @@ def _in_backward() -> bool:
 class MemoryTracker(TorchDispatchMode):
     """`with MemoryTracker() as mt: ...` then `mt.peak`, `mt.peak_breakdown` (bytes).
 
-    `round_to` models an allocator's granularity (CUDA_BLOCK when predicting a GPU).
+    `round_to` models an allocator's granularity (CUDA_BLOCK when predicting a GPU). `exclude`: categories
+    whose bytes do not count towards the peak (the ZeRO simulation replaces full parameters and gradients
+    by partitions of fixed size, so its peak is the moment the rest is largest).
     """
 
-    def __init__(self, round_to: int = 1):
+    def __init__(self, round_to: int = 1, exclude: tuple[str, ...] = ()):
         super().__init__()
         self.round_to = round_to
+        self.exclude = exclude  # categories left out of the peak's total (still shown in its breakdown)
         self._live: dict[int, list] = {}  # storage key -> [bytes, category, weakref]
         self.current: Counter = Counter()
         self.peak = 0
@@ -51,6 +54,11 @@ class MemoryTracker(TorchDispatchMode):
         self._in_opt = False
         self._handles: list = []
         self._optimizers: list = []
+        # Optional phase label (set from outside, e.g. by the simulator's layer hooks): the peak is also kept per
+        # phase, so a peak can be extrapolated phase by phase (memory within a phase is linear in depth).
+        self.phase: str | None = None  # outside backward
+        self.bwd_phase: str | None = None  # inside backward
+        self.phase_peaks: dict[str, tuple[int, dict[str, int]]] = {}
 
     # -- bookkeeping
     def _bytes(self, st) -> int:
@@ -94,10 +102,14 @@ class MemoryTracker(TorchDispatchMode):
         self._update_peak()
 
     def _update_peak(self) -> None:
-        total = sum(self.current.values())
+        total = sum(v for c, v in self.current.items() if c not in self.exclude)
         if total > self.peak:
             self.peak = total
             self.peak_breakdown = {c: self.current.get(c, 0) for c in CATEGORIES}
+        if self.phase is not None:
+            key = self.bwd_phase if _in_backward() else ("step" if self._in_opt else self.phase)
+            if total > self.phase_peaks.get(key, (-1,))[0]:
+                self.phase_peaks[key] = (total, {c: self.current.get(c, 0) for c in CATEGORIES})
 
     @property
     def current_total(self) -> int:
