@@ -81,6 +81,8 @@ def cmd_train(args) -> int:
         return 0
     if args.resume:
         args.overrides = [*args.overrides, f"checkpoint.resume={'true' if args.resume == 'latest' else args.resume}"]
+    if args.no_preflight:
+        args.overrides = [*args.overrides, "train.preflight=false"]
     cfg = load_cli_config(args)
     from engine.train import run_training
 
@@ -98,8 +100,16 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from engine.plan import run_plan_cli
+
+    return run_plan_cli(args)
+
+
 COMMANDS = {
     "train": (cmd_train, "fine-tune a GPT-2 model (one process, or under deepspeed/torchrun)"),
+    "plan": (cmd_plan, "will it fit? predict GPU memory, host RAM and step time of every configuration, "
+                       "recommend the fastest that fits and write it as a config"),
     "presets": (cmd_presets, "list the shipped config presets"),
 }
 
@@ -121,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="continue from the newest complete checkpoint in logging.output_dir (or the one given)")
             p.add_argument("--dry-run", action="store_true", help="validate config and data, print the plan, build no model")
             p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+            p.add_argument("--no-preflight", action="store_true",
+                           help="skip the pre-flight memory prediction that stops a run predicted not to fit")
+        if name == "plan":
+            from engine.plan import add_plan_args
+
+            add_plan_args(p)
     return parser
 
 

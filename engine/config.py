@@ -161,6 +161,10 @@ class TrainConfig(Section):
         "auto", description="auto: deepspeed under a distributed launcher or with ZeRO > 0, else plain torch."
     )
     deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON merged over the generated one.")
+    preflight: bool = Field(
+        True, description="Before loading the model, simulate this run's peak memory and stop if it cannot fit the "
+        "free GPU memory (CPU: available RAM)."
+    )
 
 
 class EvalConfig(Section):

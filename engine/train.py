@@ -134,6 +134,16 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
             raise EngineError(f"cannot resume {resume_from}: it was saved with a different setup ({'; '.join(diffs)})")
     elif cfg.checkpoint.resume:
         _say(env, f"no complete checkpoint in {out}: starting from scratch")
+    from engine.backends.torch_backend import pick_device
+    from engine.preflight import preflight
+
+    device_type = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else pick_device(cfg.train.device).type
+    predicted = preflight(cfg, env, device_type)
+    if predicted is not None:
+        plan["predicted_peak_mib"] = round(predicted["device_bytes"] / 2**20, 1)
+        _say(env, f"pre-flight: predicted peak {predicted['device_bytes'] / 2**30:.2f} GiB per rank on {device_type} "
+                  f"({predicted['kernel']} kernels, simulated)"
+                  + (f", {predicted['available_bytes'] / 2**30:.1f} GiB available" if predicted.get("available_bytes") else ""))
     if dry_run:
         if backend_name == "deepspeed":
             from engine.backends.deepspeed_backend import make_ds_config

@@ -347,8 +347,8 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
 
 
 def simulate_deep(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: int = 1) -> SimResult:
-    """`simulate` for a deep model in a fraction of the time: two shallow models (L1 and 2*L1 blocks, multiples of
-    the checkpointing period) are simulated with phase labels, each phase's peak and breakdown is extrapolated
+    """`simulate` for a deep model in a fraction of the time: two shallow models (L1 and L1 + k blocks, k the
+    checkpointing period) are simulated with phase labels, each phase's peak and breakdown is extrapolated
     linearly to the real depth, and the largest phase is the peak. Exactness is tested against full simulations."""
     from engine.config import GPT2_SIZES
 
@@ -357,9 +357,9 @@ def simulate_deep(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_worl
     # Every phase label present, and the same checkpointing pattern from the top block down as at depth n.
     l1 = 2 * (k + 1) + 2
     l1 += (n - l1) % k
-    l2 = l1 + k * -(-l1 // k)
+    l2 = l1 + k
     if n <= l2:
-        return simulate(cfg, kernel, steps, zero_world)
+        return simulate(cfg, kernel, steps, zero_world, phases=True)
     t0 = time.perf_counter()
     runs = []
     for depth in (l1, l2):

@@ -1,0 +1,455 @@
+"""`engine plan`: which configurations fit a GPU (and the host's RAM), and which of them is fastest.
+
+Memory comes from the validated simulation, not from rules of thumb: for every combination of how model states
+are held (optimizer, in-backward stepping, ZeRO/offload) and how activations are held (checkpointing every k
+blocks, chunked loss), `simulate_deep` runs the engine's own step on fake tensors for shallow models at
+micro-batch 1 and 2 (and 2 accumulation steps when the plan accumulates), and records the peak of every phase
+of the step. Within a phase memory is linear in depth and in micro-batch, so any micro-batch is predicted from
+those figures (`peak_from_figures`, a pure function); the recommended configuration is then simulated once
+more directly. GPU predictions add `GPU_OVERHEAD` (CUDA context, fragmentation).
+
+Host RAM and step time are modelled (stated assumptions below), not simulated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from engine.config import GPT2_SIZES, load_config
+from engine.errors import ConfigError
+from engine.memory.gpus import GPUS, GPU
+from engine.memory.simulate import GPU_OVERHEAD
+
+GIB = 2**30
+VOCAB = 50257
+
+# --- modelled costs (assumptions, not measurements on a GPU) ---------------------------------------------------
+# Host process without tensors: Python + torch + transformers + deepspeed imported, CUDA runtime on the host.
+HOST_BASE_BYTES = int(2.5 * GIB)
+# Effective host<->device copy rate (PCIe 3.0 x16 with pinned buffers; a T4 is PCIe 3.0 x16).
+PCIE_BYTES_PER_S = 12e9
+# DeepSpeedCPUAdam parameter updates per second on a 2-vCPU host (Colab); see benchmarks/cpu_adam_rate.py.
+CPU_ADAM_PARAMS_PER_S = 2.0e8
+# Fraction of the GPU's dense 16-bit peak a GPT-2 step reaches (only ratios matter; it cancels out of them).
+ASSUMED_MFU = 0.4
+
+
+def parse_size(text: str) -> int:
+    """'16GiB', '16GB', '16G', '15360MiB', '12.5gb' -> bytes (GB and G are read as GiB, like nvidia-smi's GB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not m:
+        raise ConfigError(f"cannot read the size {text!r}: write e.g. 16GiB, 12GB or 15360MiB")
+    unit = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2)]
+    if not m.group(2) and not m.group(3):
+        unit = 2**30  # a bare number is GiB
+    return int(float(m.group(1)) * unit)
+
+
+@dataclass(frozen=True)
+class Request:
+    model: str = "gpt2-xl"
+    gpu: GPU = GPUS["t4"]
+    gpus: int = 1
+    host_bytes: int | None = None
+    seq_len: int = 1024
+    global_batch: int | None = None  # None: no accumulation, the micro-batch is the batch
+    lora: bool = False
+    max_micro: int = 64
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How model states are held."""
+
+    name: str
+    overrides: tuple[str, ...]
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    in_backward: bool = False
+
+
+@dataclass(frozen=True)
+class ActivationChoice:
+    name: str
+    checkpoint_every: int | None  # None: no checkpointing
+    chunked_loss: bool
+
+
+@dataclass
+class Row:
+    strategy: Strategy
+    activations: ActivationChoice
+    micro: int
+    accum: int
+    gpu_bytes: int  # per rank, with the GPU margin
+    host_bytes: int
+    relative_time: float
+    fits: bool
+    reason: str
+    breakdown: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy.name} | {self.activations.name}"
+
+
+def strategies(req: Request) -> list[Strategy]:
+    if req.lora:
+        out = [Strategy("LoRA r16, AdamW", ("optim.name=adamw", "memory.lora.enabled=true", "memory.lora.r=16",
+                                            "memory.lora.alpha=32"))]
+        if req.gpus > 1:
+            out = [Strategy("LoRA r16, AdamW, ZeRO-2", out[0].overrides + ("memory.zero_stage=2",), zero_stage=2)]
+        return out
+    inb = ("memory.optimizer_in_backward=true", "optim.grad_clip=null")
+    off = ("optim.name=cpu_adam", "memory.offload_optimizer=true")
+    if req.gpus == 1:
+        return [
+            Strategy("AdamW", ("optim.name=adamw",)),
+            Strategy("AdamW8bit", ("optim.name=adamw_8bit",)),
+            Strategy("AdamW, in-backward", ("optim.name=adamw",) + inb, in_backward=True),
+            Strategy("AdamW8bit, in-backward", ("optim.name=adamw_8bit",) + inb, in_backward=True),
+            Strategy("ZeRO-2 + optimizer offload", off + ("memory.zero_stage=2",), 2, offload_optimizer=True),
+            Strategy("ZeRO-3 + optimizer/param offload", off + ("memory.zero_stage=3", "memory.offload_params=true"),
+                     3, offload_optimizer=True, offload_params=True),
+        ]
+    return [
+        Strategy("ZeRO-1, AdamW", ("optim.name=adamw", "memory.zero_stage=1"), 1),
+        Strategy("ZeRO-2, AdamW", ("optim.name=adamw", "memory.zero_stage=2"), 2),
+        Strategy("ZeRO-2, AdamW8bit", ("optim.name=adamw_8bit", "memory.zero_stage=2"), 2),
+        Strategy("ZeRO-3, AdamW", ("optim.name=adamw", "memory.zero_stage=3"), 3),
+        Strategy("ZeRO-2 + optimizer offload", off + ("memory.zero_stage=2",), 2, offload_optimizer=True),
+        Strategy("ZeRO-3 + optimizer offload", off + ("memory.zero_stage=3",), 3, offload_optimizer=True),
+        Strategy("ZeRO-3 + optimizer/param offload", off + ("memory.zero_stage=3", "memory.offload_params=true"),
+                 3, offload_optimizer=True, offload_params=True),
+    ]
+
+
+def activation_choices(strategy: Strategy) -> list[ActivationChoice]:
+    chunk_ok = strategy.zero_stage != 3  # the chunked loss re-enters lm_head, which ZeRO-3 partitions
+    out = [ActivationChoice("no checkpointing", None, False)]
+    if chunk_ok:
+        out.append(ActivationChoice("chunked loss", None, True))
+    for k in (4, 2, 1):
+        name = "checkpoint all blocks" if k == 1 else f"checkpoint 1 block in {k}"
+        out.append(ActivationChoice(name + (" + chunked loss" if chunk_ok else ""), k, chunk_ok))
+    return out
+
+
+def config_overrides(req: Request, s: Strategy, a: ActivationChoice, micro: int, accum: int) -> list[str]:
+    """The engine settings of one candidate (model name as given, pretrained weights)."""
+    precision = "bf16" if req.gpu.bf16 else "fp16"
+    ov = [f"model.name={req.model}", f"data.block_size={req.seq_len}", f"memory.precision={precision}",
+          f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}", *s.overrides]
+    ov.append("train.backend=deepspeed" if s.zero_stage else "train.backend=torch")
+    if a.checkpoint_every:
+        ov += ["memory.activation_checkpointing=true", f"memory.checkpoint_every_n_layers={a.checkpoint_every}"]
+    if a.chunked_loss:
+        ov.append(f"memory.loss_chunk_size={req.seq_len}")
+    return ov
+
+
+# --- memory figures: simulated once per (strategy, activations, accumulating) ------------------------------------
+
+Figures = dict[str, tuple[tuple[int, dict], tuple[int, dict]]]  # phase -> ((peak, breakdown) at micro 1, at micro 2)
+
+
+def simulate_figures(req: Request, s: Strategy, a: ActivationChoice, accumulating: bool) -> tuple[Figures, dict]:
+    """Per-phase peaks at micro-batch 1 and 2 (GPU kernels, one rank), and the model's parameter counts."""
+    from engine.memory.simulate import simulate_deep
+
+    runs = []
+    for micro in (1, 2):
+        ov = config_overrides(req, s, a, micro, 2 if accumulating else 1) + ["model.init=random"]
+        cfg = load_config(None, ov)
+        runs.append(simulate_deep(cfg, kernel="cuda", zero_world=req.gpus))
+    one, two = runs
+    figs = {k: (one.phase_peaks[k], two.phase_peaks[k]) for k in one.phase_peaks.keys() & two.phase_peaks.keys()}
+    return figs, {"params": one.params, "zero_host": (one.zero or {}).get("host", 0)}
+
+
+def peak_from_figures(figs: Figures, micro: int) -> tuple[int, dict[str, int], str]:
+    """Peak bytes at `micro` (before the GPU margin): every phase is affine in the micro-batch; the largest wins."""
+    best = None
+    for phase, ((p1, b1), (p2, b2)) in figs.items():
+        total = p1 + (p2 - p1) * (micro - 1)
+        if best is None or total > best[0]:
+            best = (total, {c: b1[c] + (b2[c] - b1[c]) * (micro - 1) for c in b1}, phase)
+    return best
+
+
+def with_margin(peak: int) -> int:
+    return int(peak * (1 + GPU_OVERHEAD["fragmentation"]) + GPU_OVERHEAD["context_bytes"])
+
+
+# --- host RAM and step time: modelled ---------------------------------------------------------------------------
+
+
+def host_bytes(n_params: int, zero_host: int, lora: bool) -> int:
+    """Peak host RAM: the process, the model materialised in fp32 on the host before it moves to the GPU (4 B/param;
+    DeepSpeed builds its host-side partitions while that copy still exists), and the offloaded states
+    (fp32 master, gradients and Adam moments: `zero_model_states(...)["host"]`)."""
+    return HOST_BASE_BYTES + 4 * n_params + zero_host
+
+
+def step_seconds_per_token(req: Request, s: Strategy, a: ActivationChoice, n_params: int, tokens_per_step: int,
+                           micro_steps: int) -> float:
+    """Modelled time per token: compute at ASSUMED_MFU of the GPU's peak (+ recompute for checkpointing and the
+    chunked loss), host<->device copies for offload at PCIE_BYTES_PER_S, and DeepSpeedCPUAdam on the host."""
+    from engine.memory.measure import flops_per_token
+
+    n_layer, n_embd, _ = GPT2_SIZES.get(req.model, GPT2_SIZES["gpt2-xl"])
+    recompute = 1.0 / a.checkpoint_every if a.checkpoint_every else 0.0
+    fpt = flops_per_token(n_params, n_layer, n_embd, req.seq_len, recompute, lora=req.lora)
+    if a.chunked_loss:
+        fpt += 2 * VOCAB * n_embd  # lm_head forward again in backward
+    seconds = fpt * tokens_per_step / (req.gpu.peak_tflops * 1e12 * ASSUMED_MFU)
+    shard = n_params / req.gpus
+    if s.offload_optimizer:
+        seconds += 4 * shard / PCIE_BYTES_PER_S  # 16-bit gradients down, 16-bit parameters up, once per step
+        seconds += shard / CPU_ADAM_PARAMS_PER_S
+    if s.offload_params:
+        passes = 2 + (1 if a.checkpoint_every else 0)  # forward, backward, recompute
+        seconds += micro_steps * passes * 2 * n_params / PCIE_BYTES_PER_S
+    return seconds / tokens_per_step
+
+
+# --- the plan ----------------------------------------------------------------------------------------------------
+
+
+def micro_batches(req: Request, in_backward: bool) -> list[tuple[int, int]]:
+    """(micro, accum) pairs that reach the global batch (or, without one, micro-batches with no accumulation)."""
+    if req.global_batch is None:
+        return [(m, 1) for m in (1, 2, 4, 8, 16, 32, 64) if m <= req.max_micro]
+    per_rank = req.global_batch // req.gpus
+    if per_rank * req.gpus != req.global_batch:
+        raise ConfigError(f"--global-batch {req.global_batch} is not a multiple of --gpus {req.gpus}")
+    pairs = [(m, per_rank // m) for m in range(1, min(per_rank, req.max_micro) + 1) if per_rank % m == 0]
+    return [(m, acc) for m, acc in pairs if not (in_backward and acc > 1)]
+
+
+def evaluate(req: Request, s: Strategy, a: ActivationChoice, figs: Figures, info: dict) -> Row:
+    """The best row of one (strategy, activations): the largest micro-batch that fits (pure, from figures)."""
+    n_params = info["params"]["total"]
+    host = host_bytes(n_params, info["zero_host"], req.lora)
+    pairs = micro_batches(req, s.in_backward)
+    if not pairs:
+        return Row(s, a, 0, 0, 0, host, math.inf, False,
+                   "steps inside backward, so it cannot accumulate to the global batch: no micro-batch fits in one step")
+    best, smallest = None, None
+    for micro, accum in pairs:
+        peak, breakdown, _ = peak_from_figures(figs, micro)
+        gpu = with_margin(peak)
+        tokens = micro * accum * req.gpus * req.seq_len
+        t = step_seconds_per_token(req, s, a, n_params, tokens, accum)
+        row = Row(s, a, micro, accum, gpu, host, t, True, "", breakdown)
+        if smallest is None:
+            smallest = row
+        if gpu <= req.gpu.memory_bytes:
+            best = row  # micro grows along `pairs`: the last that fits is the largest
+    if best is None:
+        smallest.fits = False
+        smallest.reason = (f"needs {smallest.gpu_bytes / GIB:.1f} GiB per GPU at micro-batch {smallest.micro} "
+                           f"(has {req.gpu.memory_bytes / GIB:.1f})")
+        best = smallest
+    if req.host_bytes is not None and host > req.host_bytes:
+        best.fits = False
+        best.reason = "; ".join(r for r in (best.reason, f"needs {host / GIB:.1f} GiB host RAM "
+                                                         f"(has {req.host_bytes / GIB:.1f})") if r)
+    return best
+
+
+def choose(rows: list[Row]) -> Row | None:
+    """The fastest fitting row; ties go to the larger micro-batch (better GPU utilisation, not modelled)."""
+    fitting = [r for r in rows if r.fits]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda r: (round(r.relative_time, 12), -r.micro))
+
+
+def normalise_times(rows: list[Row]) -> None:
+    """Relative step time: per-token time over the fastest candidate's without recompute or offload."""
+    ref = min((r.relative_time for r in rows if r.relative_time < math.inf), default=1.0)
+    for r in rows:
+        r.relative_time = r.relative_time / ref if r.relative_time < math.inf else math.inf
+
+
+def _figures_job(job: tuple) -> tuple[Figures, dict]:
+    req, s, a, accumulating = job
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    return simulate_figures(req, s, a, accumulating)
+
+
+def gather_figures(req: Request, progress=None, workers: int | None = None) -> list[dict]:
+    """Simulated figures of every (strategy, activations) candidate: the slow part of a plan. Simulations run in
+    `workers` processes (default: one per CPU core, at most 4): they are independent and single-threaded."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    combos = [(s, a) for s in strategies(req) for a in activation_choices(s)]
+    # With a global batch the plan accumulates (unless it steps in backward): figures then come from a 2-step
+    # accumulation, whose peak (gradients alive during the next forward) holds for any longer accumulation.
+    accumulating = req.global_batch is not None and any(acc > 1 for _, acc in micro_batches(req, False))
+    jobs = [(req, s, a, accumulating and not s.in_backward) for s, a in combos]
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
+    results = pool.map(_figures_job, jobs) if pool else map(_figures_job, jobs)
+    out = []
+    try:
+        for (s, a), (figs, info) in zip(combos, results):
+            out.append({"strategy": s.name, "activations": a.name, "figures": figs, "info": info})
+            if progress:
+                progress(out[-1])
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return out
+
+
+def rows_from_figures(req: Request, figures: list[dict]) -> tuple[list[Row], Row | None]:
+    """Every candidate's best row and the recommended one, from gathered (or recorded) figures: pure."""
+    by_name = {(s.name, a.name): (s, a) for s in strategies(req) for a in activation_choices(s)}
+    rows = []
+    for rec in figures:
+        s, a = by_name[(rec["strategy"], rec["activations"])]
+        figs = {k: tuple((int(p), dict(b)) for p, b in v) for k, v in rec["figures"].items()}
+        rows.append(evaluate(req, s, a, figs, rec["info"]))
+    normalise_times(rows)
+    return rows, choose(rows)
+
+
+def plan(req: Request, progress=None, workers: int | None = None) -> tuple[list[Row], Row | None]:
+    return rows_from_figures(req, gather_figures(req, progress, workers))
+
+
+def verify(req: Request, row: Row) -> Row:
+    """Simulate the chosen configuration itself (its micro-batch and accumulation) and replace the figures."""
+    from engine.memory.simulate import simulate_deep
+
+    ov = config_overrides(req, row.strategy, row.activations, row.micro, min(row.accum, 2)) + ["model.init=random"]
+    sim = simulate_deep(load_config(None, ov), kernel="cuda", zero_world=req.gpus)
+    row.gpu_bytes, row.breakdown = sim.with_gpu_margin(), dict(sim.breakdown)
+    if row.gpu_bytes > req.gpu.memory_bytes:
+        row.fits = False
+        row.reason = f"the direct simulation needs {row.gpu_bytes / GIB:.2f} GiB per GPU"
+    return row
+
+
+def write_config(req: Request, row: Row, path) -> None:
+    """The recommended configuration as a YAML file `engine train --config FILE` accepts unchanged."""
+    from pathlib import Path
+
+    import yaml
+
+    from engine.config import _deep_merge, _nest, parse_override
+
+    tree: dict = {}
+    for item in config_overrides(req, row.strategy, row.activations, row.micro, row.accum):
+        tree = _deep_merge(tree, _nest(*parse_override(item)))
+    tree.setdefault("logging", {})["output_dir"] = f"runs/{req.model}_plan"
+    head = [
+        f"# Written by `engine plan`: {req.model}, {req.gpus} x {req.gpu.name} ({req.gpu.memory_mib:,} MiB)"
+        + (f", {req.host_bytes / GIB:.0f} GiB host RAM" if req.host_bytes else "") + f", sequence {req.seq_len}.",
+        f"# Predicted (simulated) peak per GPU {row.gpu_bytes / GIB:.2f} GiB incl. the GPU margin; host RAM "
+        f"{row.host_bytes / GIB:.1f} GiB (modelled); relative step time x{row.relative_time:.2f} (modelled).",
+        "# Give your data with data.train_file=... (unset: the shipped sample corpus).",
+    ]
+    Path(path).write_text("\n".join(head) + "\n" + yaml.safe_dump(tree, sort_keys=False))
+
+
+def format_table(req: Request, rows: list[Row], chosen: Row | None) -> str:
+    head = f"{'configuration':62s} {'micro x acc':>11s} {'GPU GiB':>8s} {'host GiB':>8s} {'time':>6s}  verdict"
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (not r.fits, r.relative_time)):
+        mark = "*" if r is chosen else " "
+        micro = f"{r.micro} x {r.accum}" if r.micro else "-"
+        t = f"x{r.relative_time:.2f}" if r.relative_time < math.inf else "-"
+        verdict = "fits" if r.fits else f"no: {r.reason}"
+        lines.append(f"{mark}{r.name:61s} {micro:>11s} {r.gpu_bytes / GIB:8.2f} {r.host_bytes / GIB:8.1f} {t:>6s}  {verdict}")
+    return "\n".join(lines)
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+
+def add_plan_args(p) -> None:
+    p.add_argument("--model", default="gpt2-xl", choices=list(GPT2_SIZES), help="model size (default gpt2-xl)")
+    p.add_argument("--gpu", choices=list(GPUS), help="a known GPU: sets memory, bf16 support and peak FLOP/s")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="memory per GPU, e.g. 16GiB (overrides --gpu's)")
+    p.add_argument("--bf16", action=argparse_bool(), default=None, help="the GPU supports bf16 (default: from --gpu, else no)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) in the run (default 1)")
+    p.add_argument("--host-mem", metavar="SIZE", help="host RAM available to the run, e.g. 12GiB (default: not checked)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step over all GPUs (default: the micro-batch)")
+    p.add_argument("--lora", action="store_true", help="plan LoRA (r=16) instead of full fine-tuning")
+    p.add_argument("--write", metavar="FILE", help="where to write the recommended config (default plan-<model>.yaml)")
+    p.add_argument("--workers", type=int, help="simulation processes (default: CPU cores, at most 4)")
+
+
+def argparse_bool():
+    import argparse
+
+    return argparse.BooleanOptionalAction
+
+
+def request_from_args(args) -> Request:
+    from dataclasses import replace
+
+    if not args.gpu and not args.gpu_mem:
+        raise ConfigError("say which GPU: --gpu NAME (" + ", ".join(GPUS) + ") or --gpu-mem SIZE, e.g. --gpu-mem 16GiB")
+    gpu = GPUS[args.gpu] if args.gpu else GPU(f"GPU with {args.gpu_mem}", 0, bf16=False, peak_tflops=65)
+    if args.gpu_mem:
+        gpu = replace(gpu, name=gpu.name if args.gpu else f"{args.gpu_mem} GPU",
+                      memory_mib=parse_size(args.gpu_mem) // 2**20)
+    if args.bf16 is not None:
+        gpu = replace(gpu, bf16=args.bf16)
+    if args.gpus < 1:
+        raise ConfigError("--gpus must be at least 1")
+    if args.seq_len < 2 or args.seq_len > 1024:
+        raise ConfigError(f"--seq-len {args.seq_len}: GPT-2 takes 2 to 1024 tokens")
+    if args.global_batch is not None and args.global_batch < args.gpus:
+        raise ConfigError(f"--global-batch {args.global_batch} is smaller than --gpus {args.gpus}")
+    return Request(model=args.model, gpu=gpu, gpus=args.gpus,
+                   host_bytes=parse_size(args.host_mem) if args.host_mem else None, seq_len=args.seq_len,
+                   global_batch=args.global_batch, lora=args.lora)
+
+
+def run_plan_cli(args) -> int:
+    from tqdm import tqdm
+
+    req = request_from_args(args)
+    n = sum(len(activation_choices(s)) for s in strategies(req))
+    print(f"Planning {req.model} {'LoRA' if req.lora else 'full fine-tune'} on {req.gpus} x {req.gpu.name} "
+          f"({req.gpu.memory_mib:,} MiB, {'bf16' if req.gpu.bf16 else 'fp16'})"
+          + (f", {req.host_bytes / GIB:.1f} GiB host RAM" if req.host_bytes else "")
+          + f", sequence {req.seq_len}" + (f", global batch {req.global_batch}" if req.global_batch else "")
+          + f": simulating {n} configurations")
+    bar = tqdm(total=n, unit="config", leave=False)
+    rows, chosen = plan(req, progress=lambda _: bar.update(1), workers=args.workers)
+    bar.close()
+    if chosen:
+        verify(req, chosen)
+        if not chosen.fits:  # the direct simulation disagreed: take the next one
+            rows2 = [r for r in rows if r.fits and r is not chosen]
+            chosen = choose(rows2)
+            if chosen:
+                verify(req, chosen)
+    print(format_table(req, rows, chosen))
+    print(f"\nGPU GiB: simulated peak per GPU + {GPU_OVERHEAD['context_bytes'] // 2**20} MiB + "
+          f"{GPU_OVERHEAD['fragmentation']:.0%} margin. host GiB and time: modelled (see engine/plan.py). "
+          "time: per token, relative to the fastest configuration without recompute or offload.")
+    if chosen is None:
+        print("\nNothing fits. Try --lora, more GPUs (--gpus), a shorter --seq-len"
+              + (", more host RAM" if req.host_bytes else "") + (" or a smaller --global-batch." if req.global_batch else "."))
+        return 1
+    path = args.write or f"plan-{req.model}{'-lora' if req.lora else ''}.yaml"
+    write_config(req, chosen, path)
+    print(f"\nRecommended: {chosen.name}, micro-batch {chosen.micro} x {chosen.accum} accumulation: "
+          f"{chosen.gpu_bytes / GIB:.2f} GiB per GPU (simulated), x{chosen.relative_time:.2f} step time.")
+    print(f"Wrote {path}: engine train --config {path} data.train_file=YOUR.txt")
+    return 0

@@ -1,0 +1,148 @@
+"""`engine plan`: choices from recorded simulation figures (exact), the written config, sizes, CLI errors,
+and the pre-flight check of `engine train`."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from engine.errors import ConfigError, EngineError
+from engine.memory.gpus import GPUS
+from engine.plan import (ActivationChoice, Request, Row, activation_choices, micro_batches, parse_size,
+                         peak_from_figures, rows_from_figures, strategies, write_config)
+
+# gpt2-xl, fp16, 1 GPU, sequence 1024: per-phase peaks at micro-batch 1 and 2 for every candidate, recorded with
+# `engine.plan.gather_figures` (simulate_deep, CUDA kernels).
+FIGURES = json.loads((Path(__file__).parent / "data" / "plan_figures_gpt2-xl_t4.json").read_text())["figures"]
+GIB = 2**30
+
+
+def budget(mem_mib: int, host_gib: float | None, **kw) -> Request:
+    return Request(model="gpt2-xl", gpu=replace(GPUS["t4"], memory_mib=mem_mib),
+                   host_bytes=None if host_gib is None else int(host_gib * GIB), **kw)
+
+
+@pytest.mark.parametrize("mem_mib,host_gib,expected", [
+    # T4 + Colab's 12 GB host: offload needs ~34 GiB of host RAM; in-backward 8-bit with half the blocks
+    # checkpointed is the fastest that fits
+    (15_360, 12, ("AdamW8bit, in-backward", "checkpoint 1 block in 2 + chunked loss", 1)),
+    (8_192, 12, None),  # nothing: offload would fit the GPU, not the host
+    (8_192, 64, ("ZeRO-2 + optimizer offload", "checkpoint all blocks + chunked loss", 8)),
+    (23_028, 12, ("AdamW8bit", "no checkpointing", 2)),
+    (40_960, 64, ("AdamW", "no checkpointing", 4)),
+])
+def test_choice_for_fixed_budgets(mem_mib, host_gib, expected):
+    rows, chosen = rows_from_figures(budget(mem_mib, host_gib), FIGURES)
+    assert len(rows) == sum(len(activation_choices(s)) for s in strategies(budget(mem_mib, host_gib)))
+    if expected is None:
+        assert chosen is None
+        assert all(not r.fits and r.reason for r in rows)
+        return
+    assert (chosen.strategy.name, chosen.activations.name, chosen.micro) == expected
+    assert chosen.fits and chosen.gpu_bytes <= mem_mib * 2**20
+    # nothing that fits is predicted faster
+    assert all(r.relative_time >= chosen.relative_time for r in rows if r.fits)
+
+
+def test_rows_say_why_they_do_not_fit():
+    rows, _ = rows_from_figures(budget(15_360, 12), FIGURES)
+    by = {r.name: r for r in rows}
+    assert "per GPU at micro-batch 1" in by["AdamW | no checkpointing"].reason
+    assert "host RAM" in by["ZeRO-2 + optimizer offload | checkpoint all blocks + chunked loss"].reason
+
+
+def test_micro_batch_is_affine_per_phase():
+    """Two phases with different slopes: the larger one wins at each micro-batch."""
+    b = {"parameters": 0, "gradients": 0, "optimizer": 0, "activations": 0, "temporaries": 0, "other": 0}
+    figs = {"step": ((100, b), (100, b)), "fwd:head": ((60, b), (90, b))}
+    assert peak_from_figures(figs, 1)[0] == 100 and peak_from_figures(figs, 1)[2] == "step"
+    assert peak_from_figures(figs, 3)[0] == 120 and peak_from_figures(figs, 3)[2] == "fwd:head"
+
+
+def test_global_batch_layouts():
+    req = budget(15_360, None, gpus=2, global_batch=8)
+    assert micro_batches(req, in_backward=False) == [(1, 4), (2, 2), (4, 1)]
+    assert micro_batches(req, in_backward=True) == [(4, 1)]  # stepping inside backward cannot accumulate
+    with pytest.raises(ConfigError, match="multiple of --gpus"):
+        micro_batches(budget(15_360, None, gpus=2, global_batch=7), False)
+
+
+@pytest.mark.parametrize("text,expected", [("16GiB", 16 * GIB), ("16GB", 16 * GIB), ("15360MiB", 15360 * 2**20),
+                                           ("12.5g", int(12.5 * GIB)), ("8", 8 * GIB)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_written_config_round_trips_through_train_dry_run(tmp_path):
+    """The recommended configuration, written as YAML, is accepted by `engine train` unchanged."""
+    from conftest import run_cli
+
+    req = budget(15_360, 12)
+    s = next(s for s in strategies(req) if s.name == "AdamW8bit, in-backward")
+    row = Row(s, ActivationChoice("checkpoint 1 block in 2 + chunked loss", 2, True), 1, 1, 13 * GIB, 8 * GIB, 1.18,
+              True, "")
+    path = tmp_path / "plan.yaml"
+    write_config(req, row, path)
+    r = run_cli(["train", "--config", str(path), "--dry-run", "--no-preflight", f"logging.output_dir={tmp_path / 'run'}",
+                 "model.init=random"])
+    assert r.returncode == 0, r.stderr
+    for expected in ("optimizer_in_backward: true", "checkpoint_every_n_layers: 2", "loss_chunk_size: 1024",
+                     "name: adamw_8bit", "precision: fp16", "preflight: false"):
+        assert expected in r.stdout, expected
+
+
+def test_plan_cli_errors_are_one_line():
+    from conftest import run_cli
+
+    r = run_cli(["plan", "--model", "gpt2-xl"])
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: say which GPU") and "Traceback" not in r.stderr
+    r = run_cli(["plan", "--gpu-mem", "lots"])
+    assert r.returncode == 2 and "cannot read the size 'lots'" in r.stderr
+
+
+def test_plan_cli_writes_a_config_for_a_tiny_budget(tmp_path):
+    """End to end on a small model (real simulations): LoRA on distilgpt2 within 2 GiB."""
+    from conftest import run_cli
+
+    out = tmp_path / "p.yaml"
+    r = run_cli(["plan", "--model", "distilgpt2", "--gpu-mem", "2GiB", "--seq-len", "128", "--lora", "--workers", "1",
+                 "--write", str(out)], timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Recommended: LoRA r16" in r.stdout and out.exists()
+    assert "lora:" in out.read_text()
+
+
+# --- pre-flight ---------------------------------------------------------------------------------------------------
+
+
+def test_preflight_stops_a_run_that_cannot_fit_this_machine(tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    xl = ["model.n_layer=48", "model.n_embd=1600", "model.n_head=25", "model.n_positions=1024"]  # over cpu_default's
+    r = run_cli(["train", "model.name=gpt2-xl", "model.init=random", *xl, "data.block_size=1024",
+                 "train.micro_batch_size=64", f"logging.output_dir={out}"], timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().startswith("error: pre-flight: this configuration needs") and "engine plan" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_preflight_on_cuda_compares_with_free_memory(monkeypatch):
+    """The CUDA branch (no GPU here): free memory comes from torch.cuda.mem_get_info."""
+    import torch
+
+    from engine.config import load_config
+    from engine.distributed import DistEnv
+    from engine.preflight import preflight
+
+    cfg = load_config(None, ["model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=2",
+                             "model.n_positions=64", "data.block_size=64", "train.micro_batch_size=2"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (8 * GIB, 16 * GIB))
+    pred = preflight(cfg, DistEnv(), "cuda")
+    assert pred["kernel"] == "cuda" and 512 * 2**20 < pred["device_bytes"] < GIB  # includes the GPU margin
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (256 * 2**20, 16 * GIB))
+    with pytest.raises(EngineError, match="per GPU .* but 0.25 GiB is free"):
+        preflight(cfg, DistEnv(), "cuda")
+    cfg.train.preflight = False
+    assert preflight(cfg, DistEnv(), "cuda") is None
