@@ -146,3 +146,24 @@ def test_preflight_on_cuda_compares_with_free_memory(monkeypatch):
         preflight(cfg, DistEnv(), "cuda")
     cfg.train.preflight = False
     assert preflight(cfg, DistEnv(), "cuda") is None
+
+
+@pytest.mark.parametrize("strategy,stage", [("ZeRO-2 + optimizer offload", 2), ("ZeRO-3 + optimizer/param offload", 3)])
+def test_plan_model_states_equal_deepspeed_estimators(strategy, stage):
+    """Where both count the same thing (per-GPU model states), the plan's figures equal DeepSpeed's estimators;
+    the plan also carries the reduce bucket (5e7 fp16 elements; ZeRO-2 doubles it with overlap_comm; allocator
+    blocks of 512 B), which they leave out."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    rec = next(r for r in FIGURES if r["strategy"] == strategy and r["activations"] == "no checkpointing")
+    n = rec["info"]["params"]["total"]
+    _, b = rec["figures"]["bwd:embeddings"][0]  # end of backward: the reduce buckets exist
+    bucket = -(-(50_000_000 * 2 * (2 if stage == 2 else 1)) // 512) * 512
+    states = b["parameters"] + b["gradients"] + b["optimizer"] - bucket
+    if stage == 2:
+        _, gpu = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=1, cpu_offload=True)
+    else:
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(n, 50257 * 1600, num_gpus_per_node=1, cpu_offload=True,
+                                                         cpu_offload_params=True)
+    assert states == gpu
