@@ -154,27 +154,26 @@ def config_overrides(req: Request, s: Strategy, a: ActivationChoice, micro: int,
 
 # --- memory figures: simulated once per (strategy, activations, accumulating) ------------------------------------
 
-Figures = dict[str, tuple[tuple[int, dict], tuple[int, dict]]]  # phase -> ((peak, breakdown) at micro 1, at micro 2)
+Figures = dict[str, tuple[tuple[int, dict], tuple[int, dict] | None]]  # phase -> ((peak, breakdown) at micro 1, at 2)
 
 
-def simulate_figures(req: Request, s: Strategy, a: ActivationChoice, accumulating: bool) -> tuple[Figures, dict]:
-    """Per-phase peaks at micro-batch 1 and 2 (GPU kernels, one rank), and the model's parameter counts."""
+def simulate_phases(req: Request, s: Strategy, a: ActivationChoice, micro: int, accumulating: bool) -> tuple[dict, dict]:
+    """Per-phase (peak, breakdown) of one candidate at `micro` (GPU kernels, one rank), and parameter counts."""
     from engine.memory.simulate import simulate_deep
 
-    runs = []
-    for micro in (1, 2):
-        ov = config_overrides(req, s, a, micro, 2 if accumulating else 1) + ["model.init=random"]
-        cfg = load_config(None, ov)
-        runs.append(simulate_deep(cfg, kernel="cuda", zero_world=req.gpus))
-    one, two = runs
-    figs = {k: (one.phase_peaks[k], two.phase_peaks[k]) for k in one.phase_peaks.keys() & two.phase_peaks.keys()}
-    return figs, {"params": one.params, "zero_host": (one.zero or {}).get("host", 0)}
+    ov = config_overrides(req, s, a, micro, 2 if accumulating else 1) + ["model.init=random"]
+    sim = simulate_deep(load_config(None, ov), kernel="cuda", zero_world=req.gpus)
+    return sim.phase_peaks, {"params": sim.params, "zero_host": (sim.zero or {}).get("host", 0)}
 
 
 def peak_from_figures(figs: Figures, micro: int) -> tuple[int, dict[str, int], str]:
-    """Peak bytes at `micro` (before the GPU margin): every phase is affine in the micro-batch; the largest wins."""
+    """Peak bytes at `micro` (before the GPU margin): every phase is affine in the micro-batch; the largest wins.
+    (Figures without micro-batch 2, when micro-batch 1 did not fit, only answer for micro-batch 1.)"""
     best = None
-    for phase, ((p1, b1), (p2, b2)) in figs.items():
+    for phase, (first, second) in figs.items():
+        (p1, b1), (p2, b2) = first, (second if second is not None else first)
+        if second is None and micro != 1:
+            raise ValueError("no micro-batch-2 figures")
         total = p1 + (p2 - p1) * (micro - 1)
         if best is None or total > best[0]:
             best = (total, {c: b1[c] + (b2[c] - b1[c]) * (micro - 1) for c in b1}, phase)
@@ -248,8 +247,9 @@ def evaluate(req: Request, s: Strategy, a: ActivationChoice, figs: Figures, info
         row = Row(s, a, micro, accum, gpu, host, t, True, "", breakdown)
         if smallest is None:
             smallest = row
-        if gpu <= req.gpu.memory_bytes:
-            best = row  # micro grows along `pairs`: the last that fits is the largest
+        if gpu > req.gpu.memory_bytes:
+            break  # memory grows with the micro-batch: no larger one fits either
+        best = row
     if best is None:
         smallest.fits = False
         smallest.reason = (f"needs {smallest.gpu_bytes / GIB:.1f} GiB per GPU at micro-batch {smallest.micro} "
@@ -277,17 +277,17 @@ def normalise_times(rows: list[Row]) -> None:
         r.relative_time = r.relative_time / ref if r.relative_time < math.inf else math.inf
 
 
-def _figures_job(job: tuple) -> tuple[Figures, dict]:
-    req, s, a, accumulating = job
+def _phases_job(job: tuple) -> tuple[dict, dict]:
     import warnings
 
     warnings.filterwarnings("ignore")
-    return simulate_figures(req, s, a, accumulating)
+    return simulate_phases(*job)
 
 
-def gather_figures(req: Request, progress=None, workers: int | None = None) -> list[dict]:
-    """Simulated figures of every (strategy, activations) candidate: the slow part of a plan. Simulations run in
-    `workers` processes (default: one per CPU core, at most 4): they are independent and single-threaded."""
+def gather_figures(req: Request, progress=None, workers: int | None = None, every_micro: bool = False) -> list[dict]:
+    """Simulated figures of every (strategy, activations) candidate: the slow part of a plan. Micro-batch 1 first;
+    micro-batch 2 only where a larger micro-batch can fit (or `every_micro`, to record figures for any budget).
+    Simulations run in `workers` processes (default: one per CPU core, at most 4): independent, single-threaded."""
     import os
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
@@ -296,16 +296,28 @@ def gather_figures(req: Request, progress=None, workers: int | None = None) -> l
     # With a global batch the plan accumulates (unless it steps in backward): figures then come from a 2-step
     # accumulation, whose peak (gradients alive during the next forward) holds for any longer accumulation.
     accumulating = req.global_batch is not None and any(acc > 1 for _, acc in micro_batches(req, False))
-    jobs = [(req, s, a, accumulating and not s.in_backward) for s, a in combos]
+    acc = {s.name: accumulating and not s.in_backward for s, _ in combos}
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
-    results = pool.map(_figures_job, jobs) if pool else map(_figures_job, jobs)
-    out = []
+    run = pool.map if pool else map
     try:
-        for (s, a), (figs, info) in zip(combos, results):
+        first = list(run(_phases_job, [(req, s, a, 1, acc[s.name]) for s, a in combos]))
+        need2 = []
+        for (s, a), (phases, _) in zip(combos, first):
+            pairs = micro_batches(req, s.in_backward)
+            fits1 = with_margin(max(p for p, _ in phases.values())) <= req.gpu.memory_bytes
+            need2.append(every_micro or (bool(pairs) and (pairs[0][0] > 1 or (fits1 and len(pairs) > 1))))
+            if progress and not need2[-1]:
+                progress(s, a)
+        jobs2 = [(req, s, a, 2, acc[s.name]) for (s, a), n in zip(combos, need2) if n]
+        second = iter(run(_phases_job, jobs2))
+        out = []
+        for (s, a), (phases, info), n in zip(combos, first, need2):
+            two = next(second)[0] if n else {}
+            if n and progress:
+                progress(s, a)
+            figs = {k: (phases[k], two[k] if n else None) for k in phases if not n or k in two}
             out.append({"strategy": s.name, "activations": a.name, "figures": figs, "info": info})
-            if progress:
-                progress(out[-1])
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -318,7 +330,7 @@ def rows_from_figures(req: Request, figures: list[dict]) -> tuple[list[Row], Row
     rows = []
     for rec in figures:
         s, a = by_name[(rec["strategy"], rec["activations"])]
-        figs = {k: tuple((int(p), dict(b)) for p, b in v) for k, v in rec["figures"].items()}
+        figs = {k: tuple(None if x is None else (int(x[0]), dict(x[1])) for x in v) for k, v in rec["figures"].items()}
         rows.append(evaluate(req, s, a, figs, rec["info"]))
     normalise_times(rows)
     return rows, choose(rows)
@@ -431,7 +443,7 @@ def run_plan_cli(args) -> int:
           + f", sequence {req.seq_len}" + (f", global batch {req.global_batch}" if req.global_batch else "")
           + f": simulating {n} configurations")
     bar = tqdm(total=n, unit="config", leave=False)
-    rows, chosen = plan(req, progress=lambda _: bar.update(1), workers=args.workers)
+    rows, chosen = plan(req, progress=lambda *_: bar.update(1), workers=args.workers)
     bar.close()
     if chosen:
         verify(req, chosen)
