@@ -246,7 +246,7 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
         tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
         t_last, tok_last = now, tokens_seen
         rec = {"step": step, "epoch": epoch, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
-               "tokens": tokens_seen, "tokens_per_s": tps, "peak_mem_mib": meter.peak_mib(), "skipped": stats.skipped}
+               "tokens": tokens_seen, "tokens_per_s": tps, **meter.readings(), "skipped": stats.skipped}
         if stats.loss_scale is not None:
             rec["loss_scale"] = stats.loss_scale
         if tracker is not None:
@@ -275,7 +275,7 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
         tracker.__exit__(None, None, None)
 
     summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "tokens_seen": tokens_seen,
-               "peak_mem_mib": meter.peak_mib(), "params": counts}
+               **meter.readings(), "params": counts}
     if tracker is not None:
         summary["tracked_memory"] = tracker.summary()
     if val_batches and cfg.eval.at_end:

@@ -27,3 +27,11 @@ class MemoryMeter:
 
     def peak_mib(self) -> float:
         return round(self.peak_bytes() / 2**20, 1)
+
+    def readings(self) -> dict[str, float]:
+        """What a metrics record carries: the peak (allocated on CUDA, RSS on CPU), and on CUDA the allocator's
+        peak reserved bytes (allocated + cached blocks: what nvidia-smi sees of the tensors)."""
+        out = {"peak_mem_mib": self.peak_mib()}
+        if self.device.type == "cuda":
+            out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved(self.device) / 2**20, 1)
+        return out
