@@ -122,12 +122,17 @@ def run_distributed(overrides: list[str], steps: int, world_size: int) -> dict:
     import socket
     import tempfile
 
+    from engine.config import config_to_yaml, load_config
+
     out = Path(tempfile.mkdtemp(prefix="bench_ds_"))
+    # The same resolved configuration the single-device rows use (schema defaults + overrides), not the CLI's preset.
+    (out / "config.yaml").write_text(config_to_yaml(load_config(None, overrides)))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size), "--master_port", str(port),
-           str(ROOT / "launch" / "train.py"), *overrides, f"logging.output_dir={out}", "logging.track_memory=true",
+           str(ROOT / "launch" / "train.py"), "--config", str(out / "config.yaml"), f"logging.output_dir={out / 'run'}",
+           "logging.track_memory=true",
            "logging.overwrite=true", "logging.progress=false", "logging.log_every=1", f"train.max_steps={steps + 1}",
            "eval.every_n_steps=0", "eval.at_end=false", "sample.max_new_tokens=0"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -135,8 +140,8 @@ def run_distributed(overrides: list[str], steps: int, world_size: int) -> dict:
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if r.returncode != 0:
             raise RuntimeError((r.stderr.strip().splitlines() or r.stdout.strip().splitlines() or ["failed"])[-1])
-        summary = json.loads((out / "summary.json").read_text())
-        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((out / "run" / "summary.json").read_text())
+        recs = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
         tps = sorted(r["tokens_per_s"] for r in recs if "tokens_per_s" in r and r["step"] > 1)
     finally:
         shutil.rmtree(out, ignore_errors=True)

@@ -46,14 +46,18 @@ def preflight(cfg: RunConfig, env: DistEnv, device_type: str) -> dict | None:
     if not cfg.train.preflight or (cfg.model.size is None and cfg.model.init != "random"):
         return None  # a local checkpoint of unknown shape: nothing to simulate from before loading it
     pred = predict_peak(cfg, env, device_type)
-    how = f"`engine plan --model {cfg.model.size or 'gpt2'} --gpu-mem <free memory>` finds one that fits; " \
-          "train.preflight=false (or --no-preflight) tries anyway"
+
+    def how(budget: int) -> str:
+        return (f"`engine plan --model {cfg.model.size or 'gpt2'} --gpu-mem {budget / GIB:.1f}GiB --gpus {env.world_size}"
+                f" --seq-len {cfg.data.block_size}{' --lora' if cfg.memory.lora.enabled else ''}` finds one that fits; "
+                "train.preflight=false (or --no-preflight) tries anyway")
+
     if device_type == "cuda":
         free, _ = torch.cuda.mem_get_info()
         pred["available_bytes"] = free
         if pred["device_bytes"] > free:
             raise EngineError(f"pre-flight: this configuration needs {pred['device_bytes'] / GIB:.2f} GiB per GPU "
-                              f"(simulated, incl. margin) but {free / GIB:.2f} GiB is free: {how}")
+                              f"(simulated, incl. margin) but {free / GIB:.2f} GiB is free: {how(free)}")
     else:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
         need = local * (pred["device_bytes"] + pred["host_offload_bytes"])
@@ -61,5 +65,5 @@ def preflight(cfg: RunConfig, env: DistEnv, device_type: str) -> dict | None:
         pred["available_bytes"] = avail
         if avail is not None and need > avail:
             raise EngineError(f"pre-flight: this configuration needs {need / GIB:.2f} GiB of RAM for tensors "
-                              f"({local} rank(s), simulated) but {avail / GIB:.2f} GiB is available: {how}")
+                              f"({local} rank(s), simulated) but {avail / GIB:.2f} GiB is available: {how(avail // local)}")
     return pred
