@@ -31,8 +31,8 @@ HOST_BASE_BYTES = int(2.5 * GIB)
 # Effective host<->device copy rate (PCIe 3.0 x16 with pinned buffers; a T4 is PCIe 3.0 x16).
 PCIE_BYTES_PER_S = 12e9
 # DeepSpeedCPUAdam parameter updates per second on a 2-core host like Colab's: measured on this machine's 2 cores
-# (benchmarks/cpu_adam_rate.py -> benchmarks/results/cpu_adam_rate.json).
-CPU_ADAM_PARAMS_PER_S = 6.0e8
+# (benchmarks/cpu_adam_rate.py -> benchmarks/results/cpu_adam_rate.json: 1.21e9).
+CPU_ADAM_PARAMS_PER_S = 1.2e9
 # Fraction of the GPU's dense 16-bit peak a GPT-2 step reaches (only ratios matter; it cancels out of them).
 ASSUMED_MFU = 0.4
 
@@ -376,14 +376,15 @@ def write_config(req: Request, row: Row, path) -> None:
 
 
 def format_table(req: Request, rows: list[Row], chosen: Row | None) -> str:
-    head = f"{'configuration':62s} {'micro x acc':>11s} {'GPU GiB':>8s} {'host GiB':>8s} {'time':>6s}  verdict"
+    w = max(len(r.name) for r in rows) + 1
+    head = f" {'configuration':{w}s} {'micro x acc':>11s} {'GPU GiB':>8s} {'host GiB':>8s} {'time':>6s}  verdict"
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (not r.fits, r.relative_time)):
         mark = "*" if r is chosen else " "
         micro = f"{r.micro} x {r.accum}" if r.micro else "-"
         t = f"x{r.relative_time:.2f}" if r.relative_time < math.inf else "-"
         verdict = "fits" if r.fits else f"no: {r.reason}"
-        lines.append(f"{mark}{r.name:61s} {micro:>11s} {r.gpu_bytes / GIB:8.2f} {r.host_bytes / GIB:8.1f} {t:>6s}  {verdict}")
+        lines.append(f"{mark}{r.name:{w}s} {micro:>11s} {r.gpu_bytes / GIB:8.2f} {r.host_bytes / GIB:8.1f} {t:>6s}  {verdict}")
     return "\n".join(lines)
 
 
