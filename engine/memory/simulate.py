@@ -241,16 +241,15 @@ def label_phases(model: torch.nn.Module, tracker: MemoryTracker, edge: int) -> l
     return handles
 
 
-def _zero_adjust(total: int, breakdown: dict[str, int], zero: dict | None) -> tuple[int, dict[str, int]]:
-    """A single-device tracked moment -> one ZeRO rank: the full 16-bit params and grads the simulated run held are
-    replaced by this rank's partitions plus the optimizer partition (fp32 masters, fp32 grads, states); the reduce
-    bucket, allocated in the run itself as "other", is shown with the gradients."""
-    if zero is None:
-        return total, dict(breakdown)
+def _zero_adjust(breakdown: dict[str, int], zero: dict, grad_share: float) -> tuple[int, dict[str, int]]:
+    """A single-device tracked moment -> one ZeRO rank: the full parameters the simulated run held are replaced by
+    this rank's partition, the optimizer partition (fp32 masters, fp32 gradients, states) is added, gradients count
+    `grad_share` of what the run held at that moment, and the reduce bucket (allocated in the run as "other") is
+    shown with the gradients."""
     b = dict(breakdown)
-    total = sum(v for c, v in b.items() if c not in ("parameters", "gradients")) + zero["device_total"]
-    b.update(parameters=zero["params"], gradients=zero["grads"] + b.get("other", 0), optimizer=zero["optimizer"], other=0)
-    return total, b
+    grads = int(b["gradients"] * grad_share) + b.get("other", 0)
+    b.update(parameters=zero["params"], gradients=grads, optimizer=zero["optimizer"], other=0)
+    return sum(b.values()), b
 
 
 def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: int = 1, phases: bool = False) -> SimResult:
@@ -270,8 +269,11 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
     deepspeed = mem.zero_stage > 0 or cfg.train.backend == "deepspeed"
     micro, seq = cfg.train.micro_batch_size, cfg.data.block_size
     notes, zero = [], None
+    # One ZeRO rank: full parameters are replaced by partitions (rules, below); gradients as backward makes them:
+    # kept whole up to stage 1, reduced into 1/N partitions from stage 2, moved to the host with optimizer offload.
+    grad_share = (1.0 if mem.zero_stage <= 1 else 0.0 if mem.offload_optimizer else 1.0 / max(zero_world, 1))
     tracker = MemoryTracker(round_to=CUDA_BLOCK if kernel == "cuda" else 1,
-                            exclude=("parameters", "gradients") if deepspeed else ())
+                            weights={"parameters": 0, "gradients": grad_share} if deepspeed else None)
     # Token ids are real tensors (their count is read on the host); everything else is fake.
     x = torch.randint(0, 50257, (micro, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": x, "labels": x, "n_tokens": micro * (seq - 1)}
@@ -339,8 +341,11 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
                     model.zero_grad(set_to_none=True)
                     if mem.zero_stage < 3:
                         bucket.clear()  # ZeRO-1/2 drop the bucket after the step
-    peak, breakdown = _zero_adjust(tracker.peak, tracker.peak_breakdown, zero)
-    phase_peaks = {k: _zero_adjust(t, b, zero) for k, (t, b) in tracker.phase_peaks.items()}
+    if zero is not None:
+        peak, breakdown = _zero_adjust(tracker.peak_breakdown, zero, grad_share)
+        phase_peaks = {k: _zero_adjust(b, zero, grad_share) for k, (_, b) in tracker.phase_peaks.items()}
+    else:
+        peak, breakdown, phase_peaks = tracker.peak, dict(tracker.peak_breakdown), dict(tracker.phase_peaks)
     if zero is not None:
         notes.append("ZeRO model states from partitioning rules; activations simulated on one device")
     return SimResult(peak, breakdown, kernel, counts, time.perf_counter() - t0, zero, notes, phase_peaks)

@@ -38,15 +38,15 @@ def _in_backward() -> bool:
 class MemoryTracker(TorchDispatchMode):
     """`with MemoryTracker() as mt: ...` then `mt.peak`, `mt.peak_breakdown` (bytes).
 
-    `round_to` models an allocator's granularity (CUDA_BLOCK when predicting a GPU). `exclude`: categories
-    whose bytes do not count towards the peak (the ZeRO simulation replaces full parameters and gradients
-    by partitions of fixed size, so its peak is the moment the rest is largest).
+    `round_to` models an allocator's granularity (CUDA_BLOCK when predicting a GPU). `weights`: the share of a
+    category's bytes that counts towards the peak (the ZeRO simulation counts none of the full parameters, which
+    it replaces by partitions of fixed size, and 1/N of the gradients, which ranks reduce into partitions).
     """
 
-    def __init__(self, round_to: int = 1, exclude: tuple[str, ...] = ()):
+    def __init__(self, round_to: int = 1, weights: dict[str, float] | None = None):
         super().__init__()
         self.round_to = round_to
-        self.exclude = exclude  # categories left out of the peak's total (still shown in its breakdown)
+        self.weights = weights or {}  # category -> share of its bytes that counts towards the peak (default 1)
         self._live: dict[int, list] = {}  # storage key -> [bytes, category, weakref]
         self.current: Counter = Counter()
         self.peak = 0
@@ -102,7 +102,7 @@ class MemoryTracker(TorchDispatchMode):
         self._update_peak()
 
     def _update_peak(self) -> None:
-        total = sum(v for c, v in self.current.items() if c not in self.exclude)
+        total = int(sum(v * self.weights.get(c, 1) for c, v in self.current.items()))
         if total > self.peak:
             self.peak = total
             self.peak_breakdown = {c: self.current.get(c, 0) for c in CATEGORIES}
