@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from engine.config import GPT2_SIZES, load_config
 from engine.errors import ConfigError
-from engine.memory.gpus import GPUS, GPU
+from engine.memory.gpus import GPU, GPUS
 from engine.memory.simulate import GPU_OVERHEAD
 
 GIB = 2**30
@@ -375,7 +375,7 @@ def write_config(req: Request, row: Row, path) -> None:
     Path(path).write_text("\n".join(head) + "\n" + yaml.safe_dump(tree, sort_keys=False))
 
 
-def format_table(req: Request, rows: list[Row], chosen: Row | None) -> str:
+def format_table(rows: list[Row], chosen: Row | None) -> str:
     w = max(len(r.name) for r in rows) + 1
     head = f" {'configuration':{w}s} {'micro x acc':>11s} {'GPU GiB':>8s} {'host GiB':>8s} {'time':>6s}  verdict"
     lines = [head, "-" * len(head)]
@@ -392,10 +392,13 @@ def format_table(req: Request, rows: list[Row], chosen: Row | None) -> str:
 
 
 def add_plan_args(p) -> None:
+    import argparse
+
     p.add_argument("--model", default="gpt2-xl", choices=list(GPT2_SIZES), help="model size (default gpt2-xl)")
     p.add_argument("--gpu", choices=list(GPUS), help="a known GPU: sets memory, bf16 support and peak FLOP/s")
     p.add_argument("--gpu-mem", metavar="SIZE", help="memory per GPU, e.g. 16GiB (overrides --gpu's)")
-    p.add_argument("--bf16", action=argparse_bool(), default=None, help="the GPU supports bf16 (default: from --gpu, else no)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="the GPU supports bf16 (default: from --gpu, else no)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) in the run (default 1)")
     p.add_argument("--host-mem", metavar="SIZE", help="host RAM available to the run, e.g. 12GiB (default: not checked)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
@@ -403,12 +406,6 @@ def add_plan_args(p) -> None:
     p.add_argument("--lora", action="store_true", help="plan LoRA (r=16) instead of full fine-tuning")
     p.add_argument("--write", metavar="FILE", help="where to write the recommended config (default plan-<model>.yaml)")
     p.add_argument("--workers", type=int, help="simulation processes (default: CPU cores, at most 4)")
-
-
-def argparse_bool():
-    import argparse
-
-    return argparse.BooleanOptionalAction
 
 
 def request_from_args(args) -> Request:
@@ -453,7 +450,7 @@ def run_plan_cli(args) -> int:
             chosen = choose(rows2)
             if chosen:
                 verify(req, chosen)
-    print(format_table(req, rows, chosen))
+    print(format_table(rows, chosen))
     print(f"\nGPU GiB: simulated peak per GPU + {GPU_OVERHEAD['context_bytes'] // 2**20} MiB + "
           f"{GPU_OVERHEAD['fragmentation']:.0%} margin. host GiB and time: modelled (see engine/plan.py). "
           "time: per token, relative to the fastest configuration without recompute or offload.")
