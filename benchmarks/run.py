@@ -119,18 +119,15 @@ def run_distributed(overrides: list[str], steps: int, world_size: int) -> dict:
     `logging.track_memory` (rank 0's tracked peak by category), 1 warm-up step + `steps` timed steps."""
     import os
     import shutil
-    import socket
     import tempfile
 
+    from engine.backends.deepspeed_backend import free_port
     from engine.config import config_to_yaml, load_config
 
     out = Path(tempfile.mkdtemp(prefix="bench_ds_"))
     # The same resolved configuration the single-device rows use (schema defaults + overrides), not the CLI's preset.
     (out / "config.yaml").write_text(config_to_yaml(load_config(None, overrides)))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size), "--master_port", str(port),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size), "--master_port", str(free_port()),
            str(ROOT / "launch" / "train.py"), "--config", str(out / "config.yaml"), f"logging.output_dir={out / 'run'}",
            "logging.track_memory=true",
            "logging.overwrite=true", "logging.progress=false", "logging.log_every=1", f"train.max_steps={steps + 1}",

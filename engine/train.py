@@ -137,7 +137,7 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
     from engine.backends.torch_backend import pick_device
     from engine.preflight import preflight
 
-    device_type = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else pick_device(cfg.train.device).type
+    device_type = pick_device(cfg.train.device).type
     predicted = preflight(cfg, env, device_type)
     if predicted is not None:
         plan["predicted_peak_mib"] = round(predicted["device_bytes"] / 2**20, 1)

@@ -103,7 +103,7 @@ def load_user_ds_json(path: str | None) -> dict | None:
     return data
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -121,7 +121,7 @@ def init_distributed(dist_env: DistEnv) -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     deepspeed.init_distributed(verbose=False)
 
 
