@@ -2,7 +2,7 @@
 
 The planner predicts with `simulate_deep` (shallow models, phase-wise extrapolation in depth). Here it predicts,
 with this CPU's kernels, the configurations measured for real in
-  benchmarks/results/cpu_gpt2/                 (benchmarks/run.py, gpt2, incl. 2-rank ZeRO runs: rank 0)
+  benchmarks/results/cpu_gpt2/, zero3_reuse/   (benchmarks/run.py, gpt2, incl. 2-rank ZeRO runs: rank 0)
   benchmarks/results/simulation_validation/    (gpt2 and gpt2-medium)
   benchmarks/results/single_device/            (gpt2-large and gpt2-xl)
 and compares with the measured (tracked) peaks. The HF Trainer baseline is predicted from its recipe.
@@ -23,6 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
+MATRICES = ("cpu_gpt2", "zero3_reuse")  # measured matrices (benchmarks/run.py) with committed results
 
 
 def measured_configs() -> list[dict]:
@@ -31,17 +32,18 @@ def measured_configs() -> list[dict]:
     from benchmarks.validate_simulation import BASELINE, CONFIGS
 
     out = []
-    matrix = yaml.safe_load((ROOT / "benchmarks/matrices/cpu_gpt2.yaml").read_text())
-    jobs = dict(expand(matrix))
-    for row in csv.DictReader(open(RESULTS / "cpu_gpt2" / "results.csv")):
-        if not row.get("peak_mib"):
-            continue
-        if row["name"].startswith("baseline"):
-            ov, world = list(matrix["base"]) + BASELINE_RECIPE, 1
-        else:
-            ov, world = split_world(jobs[row["name"]], int(matrix.get("world_size", 1)))
-        out.append({"source": "cpu_gpt2", "name": row["name"], "overrides": ov, "world": world,
-                    "measured_mib": float(row["peak_mib"])})
+    for name in MATRICES:
+        matrix = yaml.safe_load((ROOT / "benchmarks/matrices" / f"{name}.yaml").read_text())
+        jobs = dict(expand(matrix))
+        for row in csv.DictReader(open(RESULTS / name / "results.csv")):
+            if not row.get("peak_mib"):
+                continue
+            if row["name"].startswith("baseline"):
+                ov, world = list(matrix["base"]) + BASELINE_RECIPE, 1
+            else:
+                ov, world = split_world(jobs[row["name"]], int(matrix.get("world_size", 1)))
+            out.append({"source": name, "name": row["name"], "overrides": ov, "world": world,
+                        "measured_mib": float(row["peak_mib"])})
     val = json.loads((RESULTS / "simulation_validation" / "results.json").read_text())
     for row in val["rows"]:
         if "measured_peak_mib" not in row:

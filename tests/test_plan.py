@@ -151,8 +151,9 @@ def test_preflight_on_cuda_compares_with_free_memory(monkeypatch):
 @pytest.mark.parametrize("strategy,stage", [("ZeRO-2 + optimizer offload", 2), ("ZeRO-3 + optimizer/param offload", 3)])
 def test_plan_model_states_equal_deepspeed_estimators(strategy, stage):
     """Where both count the same thing (per-GPU model states), the plan's figures equal DeepSpeed's estimators;
-    the plan also carries the reduce bucket (5e7 fp16 elements; ZeRO-2 doubles it with overlap_comm; allocator
-    blocks of 512 B), which they leave out."""
+    the plan also carries what they leave out: the reduce bucket (5e7 fp16 elements; ZeRO-2 doubles it with
+    overlap_comm; allocator blocks of 512 B), ZeRO-2 offload's device gradient buffer of the largest parameter, and
+    the parameters ZeRO-3 keeps gathered (min(Ψ, 1e9/2) x 2 B, beyond the estimator's 4 B x largest layer)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -160,7 +161,9 @@ def test_plan_model_states_equal_deepspeed_estimators(strategy, stage):
     n = rec["info"]["params"]["total"]
     _, b = rec["figures"]["bwd:embeddings"][0]  # end of backward: the reduce buckets exist
     bucket = -(-(50_000_000 * 2 * (2 if stage == 2 else 1)) // 512) * 512
-    states = b["parameters"] + b["gradients"] + b["optimizer"] - bucket
+    wte = 50257 * 1600
+    extra = 2 * wte if stage == 2 else 2 * 500_000_000 - 4 * wte
+    states = b["parameters"] + b["gradients"] + b["optimizer"] - bucket - extra
     if stage == 2:
         _, gpu = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=1, cpu_offload=True)
     else:

@@ -41,6 +41,32 @@ def test_zero_reduce_buckets_exact_bytes():
     assert zero_model_states(XL, XL, 3, 8, "fp32", reduce_bucket_size=5e7, overlap_comm=True)["buffers"] == 200_000_000
 
 
+def test_zero_extras_beyond_the_estimators_exact_bytes():
+    """DeepSpeed's own buffers (read from its code; measured on 2-rank gpt2 runs, benchmarks/results/plan_accuracy):
+    ZeRO-3 keeps the last min(Ψ, R/2) parameters gathered at the end of the forward, or the largest layer and the
+    prefetch bucket (beyond the estimator's 4 B x largest layer); ZeRO-1/2 offload stages gradients through a
+    largest-parameter buffer on the device and keeps a 16-bit parameter partition plus a largest-parameter buffer on
+    the host; ZeRO-3 offload keeps a second fp32 gradient partition on the host."""
+    gpt2, wte = 124_439_808, 50257 * 768
+    z3 = zero_model_states(gpt2, gpt2, 3, 2, "fp32", largest_layer_params=wte, largest_param=wte, reuse_distance=1e9,
+                           prefetch_bucket_size=5e7)
+    assert z3["gathered"] == 4 * gpt2 - 4 * wte  # all of gpt2 (Ψ < R/2) is kept, in fp32
+    z3 = zero_model_states(XL, XL, 3, 8, "fp16", largest_layer_params=XL_LARGEST, reuse_distance=1e9)
+    assert z3["gathered"] == 2 * 500_000_000 - 4 * XL_LARGEST
+    assert zero_model_states(XL, XL, 3, 8, "fp16", largest_layer_params=XL_LARGEST, reuse_distance=0)["gathered"] == 0
+    # released after use: the largest layer plus what the prefetcher gathers ahead of it
+    z3 = zero_model_states(gpt2, gpt2, 3, 2, "fp32", largest_layer_params=wte, reuse_distance=0, prefetch_bucket_size=5e7)
+    assert z3["gathered"] == 4 * 50_000_000
+    assert zero_model_states(XL, XL, 2, 8, "fp16", reuse_distance=1e9)["gathered"] == 0
+    off = zero_model_states(XL, XL, 2, 8, "fp16", offload_optimizer=True, largest_param=XL_LARGEST)
+    assert off["staging"] == 2 * XL_LARGEST
+    states = XL * (4 + 4 + 8) // 8 + XL * 2 // 8  # fp32 master, grads, Adam moments + 16-bit grads, offloaded
+    assert off["host"] == states + XL * 2 // 8 + 2 * XL_LARGEST
+    off3 = zero_model_states(XL, XL, 3, 8, "fp16", offload_optimizer=True)
+    assert off3["host"] == XL * (4 + 4 + 8) // 8 + XL * 4 // 8
+    assert off3["staging"] == 0
+
+
 def test_fp32_adamw_gpt2_xl_does_not_fit_24_gib():
     states = zero_model_states(XL, XL, 0, 1, "fp32")
     assert states["device_total"] == 16 * XL  # 23.2 GiB before any activation
@@ -108,11 +134,16 @@ DEEP = ["model.init=random", "model.name=gpt2", "model.n_layer=26", "model.n_emb
     (["memory.lora.enabled=true", "memory.activation_checkpointing=true", "memory.checkpoint_every_n_layers=2"], 1, "cuda"),
     (["memory.precision=fp16", "memory.zero_stage=2", "memory.offload_optimizer=true", "optim.name=cpu_adam"], 1, "cuda"),
     (["memory.precision=bf16", "memory.zero_stage=3", "memory.activation_checkpointing=true"], 8, "cuda"),
+    ("zero3_reuse", 2, "cuda"),
 ])
-def test_depth_extrapolation_equals_the_full_simulation(overrides, world, kernel):
+def test_depth_extrapolation_equals_the_full_simulation(overrides, world, kernel, tmp_path):
     """`simulate_deep` (two shallow models, phase-wise linear extrapolation) gives the full simulation's peak."""
     from engine.memory.simulate import simulate_deep
 
+    if "zero3_reuse" in overrides:
+        # ZeRO-3 keeps min(Ψ, R/2) parameters gathered: 3.5M and 3.6M in the shallow models, R/2 = 4M (not 4.5M) at depth
+        (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage3_max_reuse_distance": 8000000}}')
+        overrides = ["memory.zero_stage=3", f"train.deepspeed_config={tmp_path / 'ds.json'}"]
     cfg = load_config(None, DEEP + overrides)
     deep = simulate_deep(cfg, kernel, zero_world=world)
     assert "extrapolated" in deep.notes[-1]

@@ -78,7 +78,8 @@ def _register_standin() -> str:
 
 def zero_model_states(n_params: int, n_trainable: int, stage: int, world: int, precision: str,
                       optimizer: str = "adamw", offload_optimizer: bool = False, offload_params: bool = False,
-                      largest_layer_params: int = 0, reduce_bucket_size: float = 0, overlap_comm: bool = False) -> dict:
+                      largest_layer_params: int = 0, reduce_bucket_size: float = 0, overlap_comm: bool = False,
+                      largest_param: int = 0, reuse_distance: float = 0, prefetch_bucket_size: float = 0) -> dict:
     """Per-rank bytes of model states under DeepSpeed ZeRO, on the device and in host RAM (pure function).
 
     Mixed precision (fp16/bf16) keeps 16-bit module weights, fp32 master weights, fp32 gradient partitions
@@ -95,6 +96,17 @@ def zero_model_states(n_params: int, n_trainable: int, stage: int, world: int, p
     `buffers` (not in `device_total`, which is the model-state figure DeepSpeed's estimators give): the gradient
     reduction bucket of `reduce_bucket_size` elements in the gradient dtype, two of them with `overlap_comm`,
     allocated by stages 1-3 whatever the model size (measured on real 2-rank runs: exactly one bucket on CPU).
+    Also outside `device_total` (DeepSpeed's code, measured on real 2-rank gpt2 runs to within 0.1%):
+      `gathered`  stage 3: after a module runs, ZeRO-3 keeps its parameters gathered when the step's trace uses
+                  them again within `stage3_max_reuse_distance` elements; a module's forward reuse comes after twice
+                  the parameters that follow it, so at the end of the forward the last min(Ψ, R/2) parameters are
+                  gathered (w B each); and while the largest layer runs, the prefetcher gathers up to
+                  `stage3_prefetch_bucket_size` elements ahead. The larger of the two, beyond the estimator's
+                  largest-layer working set.
+      `staging`   ZeRO-1/2 optimizer offload: a device buffer of the largest parameter for gradient copies.
+      `host`      besides the offloaded states: ZeRO-1/2 offload keeps a 16-bit copy of the rank's parameter
+                  partition and a largest-parameter gradient buffer on the host; ZeRO-3 offload a second fp32
+                  gradient partition.
     """
     half = precision in ("fp16", "bf16")
     n = max(world, 1)
@@ -123,7 +135,16 @@ def zero_model_states(n_params: int, n_trainable: int, stage: int, world: int, p
         host += params
         params = 0.0
     buffers = reduce_bucket_size * w * (2 if overlap_comm and stage < 3 else 1) if stage >= 1 else 0
-    out = {"params": params + work, "grads": grads, "optimizer": opt, "host": host, "buffers": buffers}
+    kept = max(min(n_params, reuse_distance // 2), largest_layer_params + prefetch_bucket_size)
+    gathered = max(0.0, w * kept - work) if stage == 3 else 0.0
+    staging = 0.0
+    if offload_optimizer and stage in (1, 2):
+        staging = largest_param * w
+        host += n_params / n * w + largest_param * w
+    elif offload_optimizer and stage == 3:
+        host += n_trainable / n * 4
+    out = {"params": params + work, "grads": grads, "optimizer": opt, "host": host, "buffers": buffers,
+           "gathered": gathered, "staging": staging}
     out["device_total"] = out["params"] + out["grads"] + out["optimizer"]
     return {k: int(v) for k, v in out.items()}
 
@@ -131,6 +152,21 @@ def zero_model_states(n_params: int, n_trainable: int, stage: int, world: int, p
 def largest_layer_params(model: torch.nn.Module) -> int:
     """Parameters of the largest leaf module (GPT-2: the tied embedding), as DeepSpeed's estimator defines it."""
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+
+
+def zero_states_of(cfg: RunConfig, counts: dict[str, int], largest: tuple[int, int], zero_world: int,
+                   kernel: str) -> dict:
+    """`zero_model_states` for `cfg` with the DeepSpeed settings its run would use (`make_ds_config`, incl. a user
+    `train.deepspeed_config`). `largest`: (largest layer, largest parameter), in elements."""
+    from engine.backends.deepspeed_backend import load_user_ds_json, make_ds_config
+
+    mem = cfg.memory
+    ds = make_ds_config(cfg, zero_world, "cuda" if kernel == "cuda" else "cpu",
+                        load_user_ds_json(cfg.train.deepspeed_config))["zero_optimization"]
+    return zero_model_states(counts["total"], counts["trainable"], mem.zero_stage, zero_world, mem.precision,
+                             cfg.optim.name, mem.offload_optimizer, mem.offload_params, largest[0],
+                             ds.get("reduce_bucket_size", 0), ds.get("overlap_comm", False), largest[1],
+                             ds.get("stage3_max_reuse_distance", 1e9), ds.get("stage3_prefetch_bucket_size", 5e7))
 
 
 # ----------------------------------------------------------------------------- the simulation
@@ -146,6 +182,7 @@ class SimResult:
     zero: dict | None = None
     notes: list[str] = field(default_factory=list)
     phase_peaks: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)
+    largest: tuple[int, int] = (0, 0)  # elements of the largest layer and the largest parameter
 
     @property
     def peak_gib(self) -> float:
@@ -243,12 +280,14 @@ def label_phases(model: torch.nn.Module, tracker: MemoryTracker, edge: int) -> l
 
 def _zero_adjust(breakdown: dict[str, int], zero: dict, grad_share: float) -> tuple[int, dict[str, int]]:
     """A single-device tracked moment -> one ZeRO rank: the full parameters the simulated run held are replaced by
-    this rank's partition, the optimizer partition (fp32 masters, fp32 gradients, states) is added, gradients count
-    `grad_share` of what the run held at that moment, and the reduce bucket (allocated in the run as "other") is
-    shown with the gradients."""
+    this rank's partition (and ZeRO-3's kept-gathered parameters), the optimizer partition (fp32 masters, fp32
+    gradients, states) is added, gradients count `grad_share` of what the run held at that moment, and the reduce
+    bucket (allocated in the run as "other") and the offload staging buffer are shown with the gradients.
+    The kept-gathered parameters are counted at every moment: they are at their most at the end of the forward
+    and the start of the backward, where ZeRO-3 peaks."""
     b = dict(breakdown)
-    grads = int(b["gradients"] * grad_share) + b.get("other", 0)
-    b.update(parameters=zero["params"], gradients=grads, optimizer=zero["optimizer"], other=0)
+    grads = int(b["gradients"] * grad_share) + b.get("other", 0) + zero["staging"]
+    b.update(parameters=zero["params"] + zero["gathered"], gradients=grads, optimizer=zero["optimizer"], other=0)
     return sum(b.values()), b
 
 
@@ -283,16 +322,11 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
         if kernel == "cuda":
             model.config._attn_implementation = _register_standin()
         counts = parameter_counts(model)
-        largest = largest_layer_params(model)
+        largest = (largest_layer_params(model), max(p.numel() for p in model.parameters()))
         backend = None
         if deepspeed:
             model.train()
-            from engine.backends.deepspeed_backend import make_ds_config
-
-            ds_zero = make_ds_config(cfg, zero_world, "cuda" if kernel == "cuda" else "cpu")["zero_optimization"]
-            zero = zero_model_states(counts["total"], counts["trainable"], mem.zero_stage, zero_world, mem.precision,
-                                     cfg.optim.name, mem.offload_optimizer, mem.offload_params, largest,
-                                     ds_zero.get("reduce_bucket_size", 0), ds_zero.get("overlap_comm", False))
+            zero = zero_states_of(cfg, counts, largest, zero_world, kernel)
         else:
             # Optimizer constructors may compute real constants (bitsandbytes' quantization maps).
             with unset_fake_temporarily():
@@ -348,7 +382,7 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
         peak, breakdown, phase_peaks = tracker.peak, dict(tracker.peak_breakdown), dict(tracker.phase_peaks)
     if zero is not None:
         notes.append("ZeRO model states from partitioning rules; activations simulated on one device")
-    return SimResult(peak, breakdown, kernel, counts, time.perf_counter() - t0, zero, notes, phase_peaks)
+    return SimResult(peak, breakdown, kernel, counts, time.perf_counter() - t0, zero, notes, phase_peaks, largest)
 
 
 def simulate_deep(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: int = 1) -> SimResult:
@@ -376,12 +410,16 @@ def simulate_deep(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_worl
     def line(x1: int, x2: int) -> int:
         return x1 + (x2 - x1) * (n - l1) // (l2 - l1)
 
+    counts = {c: line(a.params[c], b.params[c]) for c in a.params}
+    # ZeRO states are computed at the real depth: ZeRO-3's kept-gathered parameters saturate (min(Ψ, R/2)).
+    zero = zero_states_of(cfg, counts, a.largest, zero_world, kernel) if a.zero else None
     phases = {}
     for key in a.phase_peaks.keys() & b.phase_peaks.keys():
         (t1, b1), (t2, b2) = a.phase_peaks[key], b.phase_peaks[key]
         phases[key] = (line(t1, t2), {c: line(b1[c], b2[c]) for c in b1})
+        if zero:
+            phases[key][1].update(parameters=zero["params"] + zero["gathered"], optimizer=zero["optimizer"])
+            phases[key] = (sum(phases[key][1].values()), phases[key][1])
     key = max(phases, key=lambda p: phases[p][0])
-    zero = {c: line(a.zero[c], b.zero[c]) for c in a.zero} if a.zero else None
-    return SimResult(phases[key][0], phases[key][1], kernel, {c: line(a.params[c], b.params[c]) for c in a.params},
-                     time.perf_counter() - t0, zero, a.notes + [f"extrapolated from {l1} and {l2} blocks; peak in {key}"],
-                     phases)
+    return SimResult(phases[key][0], phases[key][1], kernel, counts, time.perf_counter() - t0, zero,
+                     a.notes + [f"extrapolated from {l1} and {l2} blocks; peak in {key}"], phases, a.largest)
