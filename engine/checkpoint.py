@@ -18,6 +18,15 @@ MANIFEST = "manifest.json"
 PREFIX = "step-"
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identifies a vocabulary (tokens and ids, added tokens included): a resume with another tokenizer would
+    train embeddings on the wrong rows."""
+    import hashlib
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
@@ -68,8 +77,10 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(backend, step: int, trainer_state: dict, output_dir: str | Path, keep_last: int, keep: set[str] | None = None) -> Path:
-    """All ranks write into step-N.tmp; after a barrier rank 0 fsyncs, renames it and writes the manifest last."""
+def save_checkpoint(backend, step: int, trainer_state: dict, output_dir: str | Path, keep_last: int,
+                    keep: set[str] | None = None, tokenizer=None) -> Path:
+    """All ranks write into step-N.tmp; after a barrier rank 0 fsyncs, renames it and writes the manifest last.
+    The tokenizer is saved with it (its fingerprint is in the trainer state's layout and checked on resume)."""
     root = checkpoints_dir(output_dir)
     final = root / f"{PREFIX}{step:07d}"
     tmp = root / f"{PREFIX}{step:07d}.tmp"
@@ -83,8 +94,10 @@ def save_checkpoint(backend, step: int, trainer_state: dict, output_dir: str | P
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     backend.barrier()
     if rank == 0:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
         write_json_atomic(tmp / "trainer_state.json", {**trainer_state, "py_rng": py_rng_state()})
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         for f in files:
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -92,21 +105,41 @@ def save_checkpoint(backend, step: int, trainer_state: dict, output_dir: str | P
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
+        # Written last: a checkpoint without a manifest that lists every file at its size is not complete.
         write_json_atomic(final / MANIFEST, {"step": step, "files": files, "time": time.time()})
         prune(root, keep_last, keep or set())
     backend.barrier()
     return final
 
 
-def is_complete(ckpt: Path) -> bool:
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` is not a complete checkpoint (None if it is): the manifest is written last and lists every file
+    with its size; entries must stay inside the checkpoint folder."""
     m = ckpt / MANIFEST
     if not m.is_file():
-        return False
+        return f"no {MANIFEST} (the save did not finish)"
     try:
-        files = json.loads(m.read_text())["files"]
-    except (ValueError, KeyError):
-        return False
-    return all((ckpt / f).is_file() for f in files)
+        files = json.loads(m.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{MANIFEST} is not valid"
+    if isinstance(files, list):  # manifests written before sizes were recorded
+        files = {f: None for f in files}
+    if not isinstance(files, dict):
+        return f"{MANIFEST} is not valid"
+    root = ckpt.resolve()
+    for name, size in files.items():
+        path = (ckpt / str(name)).resolve()
+        if not path.is_relative_to(root):
+            return f"{MANIFEST} lists {name!r}, a path outside the checkpoint folder"
+        if not path.is_file():
+            return f"{name} is missing"
+        if size is not None and path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, the manifest says {size} (truncated or changed)"
+    return None
+
+
+def is_complete(ckpt: Path) -> bool:
+    return checkpoint_problem(ckpt) is None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -118,9 +151,10 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 def newest_complete(output_dir: str | Path, warn=print) -> Path | None:
     for ckpt in reversed(list_checkpoints(output_dir)):
-        if is_complete(ckpt):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
             return ckpt
-        warn(f"warning: skipping incomplete checkpoint {ckpt}")
+        warn(f"warning: skipping checkpoint {ckpt}: {problem}")
     return None
 
 
@@ -139,8 +173,9 @@ def resolve_resume(resume: bool | str, output_dir: str | Path, warn=print) -> Pa
     p = Path(resume)
     if not p.is_dir():
         raise EngineError(f"checkpoint.resume: {p} is not a checkpoint folder")
-    if not is_complete(p):
-        raise EngineError(f"checkpoint.resume: {p} is incomplete or corrupt (no valid {MANIFEST})")
+    problem = checkpoint_problem(p)
+    if problem:
+        raise EngineError(f"checkpoint.resume: {p} is incomplete or corrupt: {problem}")
     return p
 
 

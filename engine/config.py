@@ -165,6 +165,10 @@ class TrainConfig(Section):
         True, description="Before loading the model, simulate this run's peak memory and stop if it cannot fit the "
         "free GPU memory (CPU: available RAM)."
     )
+    max_bad_steps: int = Field(
+        5, ge=0, description="Stop (saving the state) after this many consecutive steps with a non-finite loss or an "
+        "fp16 overflow skip; 0 never stops. An fp16 loss scale at its minimum (1) stops the run too."
+    )
 
 
 class EvalConfig(Section):
@@ -177,6 +181,10 @@ class CheckpointConfig(Section):
     every_n_steps: int = Field(0, ge=0, description="0: only at the end.")
     keep_last: int = Field(2, gt=0)
     resume: bool | str = Field(False, description="true: newest checkpoint in output_dir; or a checkpoint path.")
+    allow_layout_change: bool = Field(
+        False, description="Resume even if the world size, batch size, seed or optimizer differ from the checkpoint's "
+        "(the run is then no longer an exact continuation). Off: such a resume is an error naming the difference."
+    )
     export_merged_lora: bool = Field(True, description="Also save the LoRA adapter merged into the base weights.")
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 from engine.backends.base import Backend
-from engine.checkpoint import export_model, load_trainer_state, resolve_resume, save_checkpoint
+from engine.checkpoint import (export_model, load_trainer_state, resolve_resume, save_checkpoint,
+                               tokenizer_fingerprint)
 from engine.config import RunConfig, config_to_yaml
 from engine.data import StepSampler, eval_batches, load_splits, load_tokenizer
 from engine.distributed import DistEnv, dist_env
 from engine.errors import ConfigError, EngineError
+from engine.guards import BadStepGuard, StopSignal
 from engine.memory.meter import MemoryMeter
 from engine.model import build_model, parameter_counts
 
@@ -69,17 +71,37 @@ def check_output_dir(cfg: RunConfig, resuming: bool) -> Path:
     return out
 
 
-def run_layout(cfg: RunConfig, env: DistEnv, global_batch: int, vocab_size: int) -> dict:
+def run_layout(cfg: RunConfig, env: DistEnv, global_batch: int, tokenizer) -> dict:
     """What a checkpoint's state depends on; a resume must match it."""
     m = cfg.model
     return {
         "model": m.name, "init": m.init, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
-        "vocab_size": vocab_size, "world_size": env.world_size, "global_batch": global_batch,
+        "vocab_size": len(tokenizer), "tokenizer": tokenizer_fingerprint(tokenizer), "seed": cfg.train.seed,
+        "block_size": cfg.data.block_size, "world_size": env.world_size, "global_batch": global_batch,
         "optimizer": cfg.optim.name, "optimizer_in_backward": cfg.memory.optimizer_in_backward,
         "zero_stage": cfg.memory.zero_stage, "precision": cfg.memory.precision,
         "lora": cfg.memory.lora.model_dump() if cfg.memory.lora.enabled else None,
         "freeze": cfg.memory.freeze.model_dump(),
     }
+
+
+# May differ on resume with checkpoint.allow_layout_change; the rest decides what the saved state means.
+SOFT_LAYOUT = ("world_size", "global_batch", "seed", "block_size", "optimizer")
+
+
+def check_layout(ckpt: Path, layout: dict, allow_change: bool, warn) -> None:
+    try:
+        saved = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")).get("layout", {})
+    except (OSError, ValueError) as e:
+        raise EngineError(f"cannot resume {ckpt}: its trainer_state.json is unreadable ({e})") from None
+    diffs = {k: f"{k}={saved[k]!r} there, {v!r} now" for k, v in layout.items() if k in saved and saved[k] != v}
+    hard = [d for k, d in diffs.items() if not (allow_change and k in SOFT_LAYOUT)]
+    if hard:
+        hint = "" if allow_change or set(diffs) - set(SOFT_LAYOUT) else \
+            " (checkpoint.allow_layout_change=true resumes anyway, as a new data order)"
+        raise EngineError(f"cannot resume {ckpt}: it was saved with a different setup ({'; '.join(hard)}){hint}")
+    if diffs:
+        warn(f"warning: resuming {ckpt} with a changed setup ({'; '.join(diffs.values())}): not an exact continuation")
 
 
 def clear_run(out: Path) -> None:
@@ -101,6 +123,12 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
+    # SIGTERM/SIGINT during the run: finish the step, save, return (exit 0); handlers restored afterwards.
+    with StopSignal() as stop:
+        return _run_training(cfg, dry_run, stop)
+
+
+def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
     env = dist_env()
     torch.manual_seed(cfg.train.seed)
     out = check_output_dir(cfg, resuming=bool(cfg.checkpoint.resume))
@@ -126,14 +154,12 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
         "total_steps": total_steps,
         "tokens_per_step": sampler.global_batch * cfg.data.block_size,
     }
-    layout = run_layout(cfg, env, sampler.global_batch, len(tok))
+    layout = run_layout(cfg, env, sampler.global_batch, tok)
     if resume_from is not None:
-        saved = json.loads((resume_from / "trainer_state.json").read_text()).get("layout", {})
-        diffs = [f"{k}={saved[k]!r} there, {v!r} now" for k, v in layout.items() if k in saved and saved[k] != v]
-        if diffs:
-            raise EngineError(f"cannot resume {resume_from}: it was saved with a different setup ({'; '.join(diffs)})")
+        check_layout(resume_from, layout, cfg.checkpoint.allow_layout_change, warn=lambda m: _say(env, m))
     elif cfg.checkpoint.resume:
-        _say(env, f"no complete checkpoint in {out}: starting from scratch")
+        _say(env, f"no complete checkpoint in {out}: starting from scratch"
+                  + (" (replacing the metrics of the run that left none)" if (out / "run.json").exists() else ""))
     from engine.backends.torch_backend import pick_device
     from engine.preflight import preflight
 
@@ -162,7 +188,7 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
     backend = make_backend(cfg, env, model, total_steps)
     # Written only once the model and backend exist, so a failed start leaves no half-made run behind.
     if env.is_main:
-        if cfg.logging.overwrite and resume_from is None:
+        if (cfg.logging.overwrite or cfg.checkpoint.resume) and resume_from is None:
             clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_to_yaml(cfg))
@@ -172,6 +198,7 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
               f"{total_steps} steps of {sampler.global_batch} x {cfg.data.block_size} tokens")
 
     step, tokens_seen, best_val = 0, 0, math.inf
+    guard = BadStepGuard(cfg.train.max_bad_steps)
     if resume_from is not None:
         st = load_trainer_state(resume_from, env.rank)  # restores RNG: after the model's random init
         try:
@@ -181,6 +208,7 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
         if env.is_main:
             truncate_metrics(out / "metrics.jsonl", st["step"])
         step, tokens_seen, best_val = st["step"], st["tokens_seen"], st.get("best_val", math.inf)
+        guard.load_state_dict(st.get("guard", {}))
         _say(env, f"resumed from {resume_from} at step {step}")
 
     meter = MemoryMeter(backend.device)
@@ -217,12 +245,16 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
 
     last_checkpoint: list[Path | None] = [resume_from]
 
-    def checkpoint(step: int) -> None:
-        state = {"step": step, "tokens_seen": tokens_seen, "best_val": best_val,
-                 "epoch": step // sampler.steps_per_epoch, "layout": layout}
-        path = save_checkpoint(backend, step, state, out, cfg.checkpoint.keep_last)
+    def checkpoint(step: int, keep: set[str] | None = None) -> Path:
+        epoch, in_epoch = divmod(step, sampler.steps_per_epoch)
+        state = {"step": step, "tokens_seen": tokens_seen, "best_val": best_val, "guard": guard.state_dict(),
+                 # the data position: epoch e's order is randperm(shuffle_seed + e); the next step is in_epoch
+                 "data": {"epoch": epoch, "step_in_epoch": in_epoch, "shuffle_seed": cfg.train.seed},
+                 "epoch": epoch, "layout": layout}
+        path = save_checkpoint(backend, step, state, out, cfg.checkpoint.keep_last, keep=keep, tokenizer=tok)
         last_checkpoint[0] = path
         _say(env, f"checkpoint saved: {path}")
+        return path
 
     pbar = None
     if env.is_main and cfg.logging.progress:
@@ -233,6 +265,7 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
     t_last, tok_last = time.perf_counter(), tokens_seen
     perm_epoch, perm = -1, None
     start_step = step
+    preempted: Path | None = None
     while step < total_steps:
         epoch, in_epoch = divmod(step, sampler.steps_per_epoch)
         if epoch != perm_epoch:
@@ -269,10 +302,26 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
             (pbar.write(msg) if pbar else _say(env, msg))
         if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and not is_last:
             checkpoint(step)
+        problem = guard.check(step, stats.loss, stats.skipped, stats.loss_scale)
+        if problem:
+            good = last_checkpoint[0]
+            path = checkpoint(step, keep={good.name} if good else None)  # never prune the last good state away
+            raise EngineError(f"training stopped at step {step}: {problem}. State saved in {path}"
+                              + (f"; the last checkpoint before the trouble is {good}" if good else ""))
+        # Collective when several ranks run (the signal may reach only some): every rank stops at the same step.
+        if backend.any_rank(stop.signum is not None) and not is_last:
+            preempted = checkpoint(step)
+            break
     if pbar:
         pbar.close()
     if tracker is not None:
         tracker.__exit__(None, None, None)
+    if preempted:
+        if metrics:
+            metrics.close()
+        _say(env, f"stopped by {stop.name or 'a signal on another rank'} at step {step}/{total_steps}: checkpoint "
+                  f"saved in {preempted}. Resume with the same command plus --resume (or checkpoint.resume=true).")
+        return {"steps": step, "preempted": True, "checkpoint": str(preempted)}
 
     summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "tokens_seen": tokens_seen,
                **meter.readings(), "params": counts}

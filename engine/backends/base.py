@@ -80,6 +80,12 @@ class Backend(ABC):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if it is true on one (a preemption signal may reach only some ranks)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return flag
+        return bool(self.all_reduce_sum(torch.tensor([float(flag)], device=self.device)) > 0)
+
     def barrier(self) -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()

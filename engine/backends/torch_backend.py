@@ -29,6 +29,7 @@ def pick_device(pref: str) -> torch.device:
 
 class TorchBackend(Backend):
     name = "torch"
+    skip_nonfinite = True  # the memory simulation turns it off: fake tensors have no values to test
 
     def __init__(self, cfg: RunConfig, dist_env: DistEnv, model: torch.nn.Module, total_steps: int):
         super().__init__(cfg, dist_env)
@@ -94,9 +95,14 @@ class TorchBackend(Backend):
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip else float("inf"))
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        skipped = scale_before is not None and self.scaler.get_scale() < scale_before
+        if scale_before is None and self.skip_nonfinite and not bool(torch.isfinite(grad_norm)):
+            # fp32/bf16: a non-finite gradient would make every weight NaN; skip the step as GradScaler does for
+            # fp16 (one host sync per step, for the norm that is logged anyway).
+            skipped = True
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = scale_before is not None and self.scaler.get_scale() < scale_before
         self.optimizer.zero_grad(set_to_none=True)  # frees gradient memory until the next backward
         self.scheduler.step()
         return {"loss_sum": loss_acc, "tokens": n_global.double(), "grad_norm": grad_norm, "skipped": skipped, "lr": lr,

@@ -331,6 +331,7 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
             # Optimizer constructors may compute real constants (bitsandbytes' quantization maps).
             with unset_fake_temporarily():
                 backend = TorchBackend(cfg, DistEnv(), model, total_steps=steps)
+            backend.skip_nonfinite = False
             if mem.precision == "fp16":
                 # Loss-scale bookkeeping reads values on the host; it holds no memory worth counting.
                 backend.scaler = torch.amp.GradScaler("cpu", enabled=False)
