@@ -244,15 +244,22 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
         return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50))}
 
     last_checkpoint: list[Path | None] = [resume_from]
+    last_good: list[Path | None] = [resume_from]  # saved before the current run of non-finite steps began
 
-    def checkpoint(step: int, keep: set[str] | None = None) -> Path:
+    def checkpoint(step: int) -> Path:
+        if last_checkpoint[0] is not None and last_checkpoint[0].name == f"step-{step:07d}":
+            return last_checkpoint[0]  # already saved at this step
         epoch, in_epoch = divmod(step, sampler.steps_per_epoch)
         state = {"step": step, "tokens_seen": tokens_seen, "best_val": best_val, "guard": guard.state_dict(),
                  # the data position: epoch e's order is randperm(shuffle_seed + e); the next step is in_epoch
                  "data": {"epoch": epoch, "step_in_epoch": in_epoch, "shuffle_seed": cfg.train.seed},
                  "epoch": epoch, "layout": layout}
+        # While steps are failing, retention must not prune the last good state away.
+        keep = {last_good[0].name} if guard.run and last_good[0] else None
         path = save_checkpoint(backend, step, state, out, cfg.checkpoint.keep_last, keep=keep, tokenizer=tok)
         last_checkpoint[0] = path
+        if not guard.run:
+            last_good[0] = path
         _say(env, f"checkpoint saved: {path}")
         return path
 
@@ -293,6 +300,11 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
             pbar.update(1)
         elif env.is_main and (step % cfg.logging.log_every == 0 or step == total_steps):
             print(f"step {step}/{total_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} tok/s {tps:,.0f}", flush=True)
+        problem = guard.check(step, stats.loss, stats.skipped, stats.loss_scale)
+        if problem:
+            path, good = checkpoint(step), last_good[0]
+            raise EngineError(f"training stopped at step {step}: {problem}. State saved in {path}"
+                              + (f"; the last checkpoint before the trouble is {good}" if good else ""))
         is_last = step == total_steps
         if val_batches and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and not is_last:
             ev = evaluate(val_batches)
@@ -302,12 +314,6 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
             (pbar.write(msg) if pbar else _say(env, msg))
         if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and not is_last:
             checkpoint(step)
-        problem = guard.check(step, stats.loss, stats.skipped, stats.loss_scale)
-        if problem:
-            good = last_checkpoint[0]
-            path = checkpoint(step, keep={good.name} if good else None)  # never prune the last good state away
-            raise EngineError(f"training stopped at step {step}: {problem}. State saved in {path}"
-                              + (f"; the last checkpoint before the trouble is {good}" if good else ""))
         # Collective when several ranks run (the signal may reach only some): every rank stops at the same step.
         if backend.any_rank(stop.signum is not None) and not is_last:
             preempted = checkpoint(step)

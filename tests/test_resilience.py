@@ -180,6 +180,8 @@ class InfGrad(torch.autograd.Function):
 
 
 def poison(monkeypatch, from_call: int, how: str) -> None:
+    """From the `from_call`-th loss on (one per step here; the run's pre-flight simulation is off), the loss is NaN or
+    its gradient infinite."""
     import engine.backends.torch_backend as tb
 
     real, calls = tb.lm_loss_sum, [0]
@@ -201,7 +203,7 @@ def test_non_finite_losses_stop_the_run_with_the_state_saved(corpus, tmp_path, m
     poison(monkeypatch, from_call=4, how="nan")
     with pytest.raises(EngineError, match=r"training stopped at step 6: 3 consecutive steps \(from step 4\) had a "
                                           r"non-finite loss.*memory.precision=bf16.*lower optim.lr") as e:
-        train(corpus, out, train={"max_steps": 20, "max_bad_steps": 3, "micro_batch_size": 4},
+        train(corpus, out, train={"max_steps": 20, "max_bad_steps": 3, "micro_batch_size": 4, "preflight": False},
               checkpoint={"every_n_steps": 2, "keep_last": 1})
     assert "step-0000006" in str(e.value) and "step-0000002" in str(e.value)
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -217,7 +219,8 @@ def test_fp16_loss_scale_at_its_minimum_stops_the_run(corpus, tmp_path, monkeypa
 
     poison(monkeypatch, from_call=1, how="inf")
     with pytest.raises(EngineError, match=r"fp16 loss scale reached its minimum \(1\) at step 16.*bf16"):
-        train(corpus, tmp_path / "run", memory={"precision": "fp16"}, train={"max_steps": 40, "max_bad_steps": 0})
+        train(corpus, tmp_path / "run", memory={"precision": "fp16"},
+              train={"max_steps": 40, "max_bad_steps": 0, "preflight": False})
 
 
 # --- hostile input: one line, non-zero exit, no traceback, existing outputs untouched ---------------------------
@@ -298,7 +301,7 @@ def test_hostile_input_battery(corpus, finished, tmp_path, capsys):
                 "checkpoint.resume=" + next((k.split("=", 1)[1] for k in keys if k.startswith("checkpoint.resume=")),
                                             "false")]
         if not any(k.startswith("checkpoint.resume=") for k in keys):
-            args.append("logging.overwrite=false")
+            args.append("logging.overwrite=true")  # even allowed to replace the run, a bad input must not touch it
         rc = main(args)
         err = capsys.readouterr().err
         lines = [l for l in err.splitlines() if l.strip() and not l.startswith("warning:")]
