@@ -247,10 +247,11 @@ DRAW = {
 }
 
 
-def _finish(ax) -> None:
+def _finish(ax, fname: str) -> None:
     ax.set_xlabel("optimizer step")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    # peak memory only rises: "best" would put the legend on its plateau
+    ax.legend(fontsize=8, loc="lower right" if fname == "memory.png" else "best")
 
 
 def _title(runs: list[RunMetrics]) -> str:
@@ -268,14 +269,14 @@ def write_plots(runs: list[RunMetrics], out_dir: str | Path) -> list[Path]:
         fig = Figure(figsize=(8, 4.8), layout="constrained")
         ax = fig.subplots()
         draw(ax, runs)
-        _finish(ax)
+        _finish(ax, fname)
         fig.suptitle(_title(runs), fontsize=10, color="0.3")
         fig.savefig(out / fname, dpi=110)
         written.append(out / fname)
     fig = Figure(figsize=(13, 8.5), layout="constrained")
-    for ax, draw in zip(fig.subplots(2, 2).flat, DRAW.values()):
+    for ax, (fname, draw) in zip(fig.subplots(2, 2).flat, DRAW.items()):
         draw(ax, runs)
-        _finish(ax)
+        _finish(ax, fname)
     fig.suptitle(_title(runs), fontsize=12)
     fig.savefig(out / "overview.png", dpi=100)
     written.append(out / "overview.png")
