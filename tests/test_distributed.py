@@ -10,8 +10,11 @@ from conftest import ROOT, flat_overrides, run_cli, run_inprocess, tiny_override
 
 pytestmark = pytest.mark.slow
 
-def launch(overrides: dict, port: int) -> None:
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+def launch(overrides: dict, port: int, hostfile: Path | None = None) -> None:
+    # A one-host hostfile takes the launcher's hostfile path without ssh (no second node here).
+    where = (["--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1"] if hostfile
+             else ["--num_gpus", "2"])
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(port),
                 str(ROOT / "launch" / "train.py")]
     r = run_cli(flat_overrides(overrides), launcher=launcher, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -43,7 +46,8 @@ def test_two_rank_zero_matches_single_process(corpus, tmp_path, single, stage, p
 
 
 def test_two_rank_zero3_offload_checkpointing_lora_end_to_end(corpus, tmp_path):
-    """The full combination through the launcher: trains, checkpoints, exports adapter + merged model."""
+    """The full combination through the launcher (ranks from a hostfile): trains, checkpoints, exports adapter +
+    merged model."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
@@ -56,7 +60,9 @@ def test_two_rank_zero3_offload_checkpointing_lora_end_to_end(corpus, tmp_path):
         checkpoint={"every_n_steps": 2},
         sample={"max_new_tokens": 5},
     )
-    r = launch(cfg, 29613)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# the format of launch/hostfile.example, one local host\nlocalhost slots=2\n")
+    r = launch(cfg, 29613, hostfile)
     losses = train_losses(out)
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert (out / "adapter" / "adapter_config.json").exists()
