@@ -15,7 +15,8 @@ pytest.importorskip("tensorboard")
 @pytest.fixture(scope="module")
 def run_dir(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "tiny"
-    run_inprocess(corpus, out, eval={"every_n_steps": 3}, logging={"tensorboard": True, "plots": True})
+    run_inprocess(corpus, out, eval={"every_n_steps": 3}, checkpoint={"every_n_steps": 3},
+                  logging={"tensorboard": True, "plots": True})
     return out
 
 
@@ -39,6 +40,22 @@ def test_tensorboard_events_hold_the_metrics(run_dir):
     assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in val] == [
         (r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     assert [e.step for e in val] == [3, 6]
+
+
+def test_a_resumed_run_replaces_the_steps_after_its_checkpoint_in_tensorboard(corpus, run_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "resumed"
+    shutil.copytree(run_dir, out)
+    # from step 3: steps 4-6 run again, and their first values must not show twice
+    run_inprocess(corpus, out, eval={"every_n_steps": 3},
+                  checkpoint={"every_n_steps": 3, "resume": str(out / "checkpoints" / "step-0000003")})
+    assert len(list((out / "tensorboard").iterdir())) == 2  # the first run's file and the resumed one's
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    steps = [r for r in records(out) if "loss" in r]
+    assert [e.step for e in acc.Scalars("train/loss")] == [r["step"] for r in steps] == list(range(1, 7))
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
 
 
 def test_plots_are_written_after_the_run(run_dir):
