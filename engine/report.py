@@ -50,7 +50,8 @@ class TensorBoardLog:
                 "logging.tensorboard=false"
             ) from None
         # purge_step: a resumed run rewrites the steps after its checkpoint; TensorBoard hides the old ones.
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        # flush_secs: a live `tensorboard` sees new steps within seconds, not the default two minutes.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step, flush_secs=10)
 
     def log(self, rec: dict) -> None:
         step = rec.get("step", 0)
