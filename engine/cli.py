@@ -84,8 +84,10 @@ def cmd_train(args) -> int:
     if args.no_preflight:
         args.overrides = [*args.overrides, "train.preflight=false"]
     cfg = load_cli_config(args)
+    from engine.distributed import export_slurm_env
     from engine.train import run_training
 
+    export_slurm_env()  # `srun engine train`: DeepSpeed's process group reads the torch variables
     run_training(cfg, dry_run=args.dry_run)
     return 0
 
@@ -100,6 +102,12 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from engine.report import run_report_cli
+
+    return run_report_cli(args)
+
+
 def cmd_plan(args) -> int:
     from engine.plan import run_plan_cli
 
@@ -110,6 +118,7 @@ COMMANDS = {
     "train": (cmd_train, "fine-tune a GPT-2 model (one process, or under deepspeed/torchrun)"),
     "plan": (cmd_plan, "will it fit? predict GPU memory, host RAM and step time of every configuration, "
                        "recommend the fastest that fits and write it as a config"),
+    "report": (cmd_report, "plot runs from their metrics.jsonl (loss, lr, tokens/s, peak memory); several runs overlaid"),
     "presets": (cmd_presets, "list the shipped config presets"),
 }
 
@@ -137,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
             from engine.plan import add_plan_args
 
             add_plan_args(p)
+        if name == "report":
+            from engine.report import add_report_args
+
+            add_report_args(p)
     return parser
 
 

@@ -108,7 +108,7 @@ def clear_run(out: Path) -> None:
     """logging.overwrite: remove the previous run's results so nothing of it is mixed into this one."""
     import shutil
 
-    for name in ("checkpoints", "model", "adapter"):
+    for name in ("checkpoints", "model", "adapter", "tensorboard", "plots"):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in ("metrics.jsonl", "summary.json", "run.json"):
         (out / name).unlink(missing_ok=True)
@@ -224,6 +224,9 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
         tracker.__enter__()
     metrics_path = out / "metrics.jsonl"
     metrics = open(metrics_path, "a", encoding="utf-8") if env.is_main else None
+    from engine.report import open_tensorboard
+
+    tb = open_tensorboard(cfg.logging.tensorboard and env.is_main, out, purge_step=step + 1 if resume_from else None)
     val = splits.get("validation")
     val_batches = eval_batches(val, cfg.train.micro_batch_size, tok.pad_token_id, cfg.eval.max_batches) if val else []
 
@@ -231,6 +234,8 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
         if metrics:
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
+        if tb:
+            tb.log(rec)
 
     def evaluate(batches: list[dict], prefix: str = "val") -> dict:
         mine = batches[env.rank :: env.world_size]
@@ -363,4 +368,13 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if metrics:
         metrics.close()
+    if tb:
+        tb.close()
+    if env.is_main and cfg.logging.plots:
+        from engine.report import plot_run
+
+        try:
+            _say(env, f"plots: {out / 'plots'}/*.png ({len(plot_run(out))} files)")
+        except Exception as e:  # the run itself is saved: a drawing problem must not fail it
+            _say(env, f"plots not written: {e}")
     return summary

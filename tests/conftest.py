@@ -43,7 +43,8 @@ def tiny_overrides(corpus: dict[str, Path], out: Path, **extra) -> dict:
         "schedule": {"warmup_steps": 2},
         "train": {"micro_batch_size": 4, "max_steps": 6, "seed": 7},
         "eval": {"every_n_steps": 0, "max_batches": 4},
-        "logging": {"output_dir": str(out), "progress": False, "log_every": 100},
+        # plots cost ~2 s a run here: drawn only where tested (test_report.py, the CLI's default run)
+        "logging": {"output_dir": str(out), "progress": False, "log_every": 100, "plots": False},
         "sample": {"max_new_tokens": 0},
         "checkpoint": {"every_n_steps": 0},
     }

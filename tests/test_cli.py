@@ -26,6 +26,10 @@ def test_default_preset_end_to_end(tmp_path):
     assert "final: val_loss" in r.stdout and "sample ('Once upon a time')" in r.stdout
     assert (out / "model" / "model.safetensors").exists() and (out / "model" / "tokenizer.json").exists()
     assert "train:" in r.stderr  # the progress bar
+    # on by default: TensorBoard events and the end-of-run plots
+    assert next((out / "tensorboard").glob("events.out.tfevents.*")).stat().st_size > 0
+    assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "lr.png", "tokens_per_s.png", "memory.png",
+                                                         "overview.png"}
 
 
 def test_dry_run_prints_plan_without_a_model(tmp_path):

@@ -10,8 +10,11 @@ from conftest import ROOT, flat_overrides, run_cli, run_inprocess, tiny_override
 
 pytestmark = pytest.mark.slow
 
-def launch(overrides: dict, port: int) -> None:
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+def launch(overrides: dict, port: int, hostfile: Path | None = None) -> None:
+    # A one-host hostfile takes the launcher's hostfile path without ssh (no second node here).
+    where = (["--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1"] if hostfile
+             else ["--num_gpus", "2"])
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(port),
                 str(ROOT / "launch" / "train.py")]
     r = run_cli(flat_overrides(overrides), launcher=launcher, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -43,7 +46,8 @@ def test_two_rank_zero_matches_single_process(corpus, tmp_path, single, stage, p
 
 
 def test_two_rank_zero3_offload_checkpointing_lora_end_to_end(corpus, tmp_path):
-    """The full combination through the launcher: trains, checkpoints, exports adapter + merged model."""
+    """The full combination through the launcher (ranks from a hostfile): trains, checkpoints, exports adapter +
+    merged model."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
@@ -56,7 +60,9 @@ def test_two_rank_zero3_offload_checkpointing_lora_end_to_end(corpus, tmp_path):
         checkpoint={"every_n_steps": 2},
         sample={"max_new_tokens": 5},
     )
-    r = launch(cfg, 29613)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# the format of launch/hostfile.example, one local host\nlocalhost slots=2\n")
+    r = launch(cfg, 29613, hostfile)
     losses = train_losses(out)
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert (out / "adapter" / "adapter_config.json").exists()
@@ -89,3 +95,30 @@ def test_zero_optimizer_partition_matches_the_rules_on_real_ranks(corpus, tmp_pa
     sim = simulate(load_config(None, flat_overrides(overrides)), kernel="cpu", steps=2, zero_world=2)
     assert sim.peak_bytes == pytest.approx(tracked["peak_mib"] * 2**20, rel=0.05)
     assert tracked["gradients_mib"] * 2**20 >= 5e7 * 4  # the reduce bucket dominates a tiny model's peak
+
+
+def test_two_ranks_under_torchrun_match_single_process_and_only_rank0_writes(corpus, tmp_path, single):
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE and no --local_rank argument: the same entry point picks them up
+    (the losses equal one process only if the two ranks took different halves of each batch), and rank 0 alone
+    writes metrics, TensorBoard events and the plots."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", "29631", str(ROOT / "launch" / "train.py")]
+    overrides = tiny_overrides(corpus, out, train={"micro_batch_size": 2}, logging={"plots": True, "tensorboard": True})
+    r = run_cli(flat_overrides(overrides), launcher=launcher, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    plan = json.loads((out / "run.json").read_text())["plan"]
+    assert plan["world_size"] == 2 and plan["backend"] == "deepspeed"
+    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(single), rtol=0, atol=1e-4)
+    events = list((out / "tensorboard").iterdir())
+    assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 7))
+    assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(
+        ["loss.png", "lr.png", "tokens_per_s.png", "memory.png", "overview.png"])
+    assert r.stdout.count("plots: ") == 1
