@@ -182,33 +182,6 @@ def test_optimizer_in_backward_rejects_accumulation_and_clipping(corpus, tmp_pat
         validate_dict(tiny_overrides(corpus, tmp_path, memory={"optimizer_in_backward": True}))
 
 
-def test_resume_continues_exactly(corpus, tmp_path):
-    """Stop after step 3 (keep only that checkpoint; metrics of steps 4-6 are left behind as after a crash),
-    resume: the metrics are cut back, and steps 4-6 and the final weights equal the uninterrupted run."""
-    import shutil
-
-    full = tmp_path / "full"
-    extra = dict(model={"dropout": 0.1}, checkpoint={"every_n_steps": 3, "keep_last": 5})
-    _, ref = run_inprocess(corpus, full, **extra)
-    cut = tmp_path / "cut"
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-0000006")
-    for d in ("model",):
-        shutil.rmtree(cut / d)
-    from engine.config import validate_dict
-    from engine.train import run_training
-
-    cfg = validate_dict(tiny_overrides(corpus, cut, checkpoint={"every_n_steps": 3, "keep_last": 5, "resume": True},
-                                       model={"dropout": 0.1}))
-    run_training(cfg)
-    from conftest import train_losses
-
-    assert train_losses(cut) == ref  # bitwise: same floats
-    a = load_file(str(full / "checkpoints" / "step-0000006" / "trainable.safetensors"))
-    b = load_file(str(cut / "checkpoints" / "step-0000006" / "trainable.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_resume_with_other_batch_size_is_refused(corpus, tmp_path):
     from engine.config import validate_dict
     from engine.errors import EngineError
