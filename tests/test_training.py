@@ -182,7 +182,7 @@ def test_optimizer_in_backward_rejects_accumulation_and_clipping(corpus, tmp_pat
         validate_dict(tiny_overrides(corpus, tmp_path, memory={"optimizer_in_backward": True}))
 
 
-def test_resume_with_other_batch_size_is_refused(corpus, tmp_path):
+def test_resume_with_other_batch_size_is_refused(corpus, tmp_path, capsys):
     from engine.config import validate_dict
     from engine.errors import EngineError
     from engine.train import run_training
@@ -195,6 +195,14 @@ def test_resume_with_other_batch_size_is_refused(corpus, tmp_path):
     cfg = validate_dict(tiny_overrides(corpus, out, checkpoint={"resume": True}, optim={"name": "adamw_8bit"}))
     with pytest.raises(EngineError, match="optimizer='adamw' there, 'adamw_8bit' now"):
         run_training(cfg)
+    # explicitly allowed: resumes from step 3 with a warning naming the change
+    step3 = str(out / "checkpoints" / "step-0000003")
+    cfg = validate_dict(tiny_overrides(corpus, out, checkpoint={"resume": step3, "allow_layout_change": True},
+                                       train={"micro_batch_size": 2}))
+    assert run_training(cfg)["steps"] == 6
+    out_text = capsys.readouterr().out
+    assert "warning: resuming" in out_text and "global_batch=4 there, 2 now" in out_text
+    assert f"resumed from {step3} at step 3" in out_text
 
 
 def test_overwrite_replaces_the_previous_run(corpus, tmp_path):
