@@ -323,6 +323,7 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
         if backend.any_rank(stop.signum is not None) and not is_last:
             preempted = checkpoint(step)
             break
+        t_last = time.perf_counter()  # evaluation and checkpoint time is not the next step's throughput
     if pbar:
         pbar.close()
     if tracker is not None:
