@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -106,12 +107,40 @@ def cmd_plan(args) -> int:
     return run_plan_cli(args)
 
 
+def cmd_generate(args) -> int:
+    from engine.generate import run_generate_cli
+
+    return run_generate_cli(args)
+
+
+def cmd_eval(args) -> int:
+    from engine.evaluate import run_eval_cli
+
+    return run_eval_cli(args)
+
+
+def cmd_classify(args) -> int:
+    from engine.classify import run_classify_cli
+
+    return run_classify_cli(args)
+
+
 COMMANDS = {
     "train": (cmd_train, "fine-tune a GPT-2 model (one process, or under deepspeed/torchrun)"),
     "plan": (cmd_plan, "will it fit? predict GPU memory, host RAM and step time of every configuration, "
                        "recommend the fastest that fits and write it as a config"),
+    "generate": (cmd_generate, "write text with a trained model (full model, ZeRO export or LoRA adapter): greedy or "
+                               "sampling, stop strings, several sequences; text or JSONL"),
+    "eval": (cmd_eval, "loss and perplexity (classifiers: accuracy and F1) of one or more trained models on a test "
+                       "file, as a comparison table"),
+    "classify": (cmd_classify, "label texts with a trained classifier (task: classification)"),
     "presets": (cmd_presets, "list the shipped config presets"),
 }
+
+
+# Subcommands that use a trained model; their arguments are defined next to their code.
+USE_ARGS = {"generate": ("engine.generate", "add_generate_args"), "eval": ("engine.evaluate", "add_eval_args"),
+            "classify": ("engine.classify", "add_classify_args")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
             from engine.plan import add_plan_args
 
             add_plan_args(p)
+        if name in USE_ARGS:
+            module, fn = USE_ARGS[name]
+            getattr(importlib.import_module(module), fn)(p)
     return parser
 
 
