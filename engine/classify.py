@@ -256,13 +256,13 @@ def add_classify_args(p) -> None:
     p.add_argument("--text", "-t", action="append", default=[], metavar="TEXT", help="a text to label; repeat for more")
     p.add_argument("--file", "-f", metavar="FILE",
                    help="texts to label: one per line (.txt), or a CSV/JSONL with a --text-field column")
-    p.add_argument("--text-field", default="text", help="CSV column / JSONL field with the text (default: text)")
+    p.add_argument("--text-field", default="text", metavar="NAME", help="CSV column / JSONL field with the text (default: text)")
     p.add_argument("--output", "-o", choices=("text", "jsonl"), default="text",
                    help="text: label<TAB>probability<TAB>text per line; jsonl: one object per text with every label's "
                         "probability")
-    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="texts per forward pass (default 16)")
     p.add_argument("--base", metavar="MODEL", help="base model of a LoRA adapter (default: the one recorded with it)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
 
 
 def run_classify_cli(args) -> int:

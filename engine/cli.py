@@ -46,6 +46,10 @@ def _quiet_libraries() -> None:
     import logging
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if "transformers" in sys.modules:  # imported before the environment above was set (main() called in-process)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _has_cuda() -> bool:

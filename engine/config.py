@@ -210,7 +210,8 @@ class SampleConfig(Section):
     """Text generation settings: the end-of-run sample and the defaults of `engine generate` on a run folder."""
 
     prompt: str = "Once upon a time"
-    max_new_tokens: int = Field(40, ge=0, description="0 disables the end-of-run sample.")
+    max_new_tokens: int = Field(40, ge=0, description="New tokens per sequence (at most; fewer if a stop or EOS comes "
+                                "first). In a run config, 0 disables the end-of-run sample.")
     greedy: bool = Field(False, description="Always take the most likely token (no sampling).")
     temperature: float = Field(0.8, gt=0.0, description="Sampling: <1 sharpens, >1 flattens the distribution.")
     top_k: int = Field(50, ge=0, description="Sampling: keep the k most likely tokens; 0: all.")

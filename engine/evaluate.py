@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
+from typing import get_args
 
 import torch
 
@@ -86,9 +87,9 @@ def classifier_scores(trained, file: Path, dcfg: DataConfig, batch_size: int, ma
 # ----------------------------------------------------------------------------- engine eval
 
 _DATA_FLAGS = {  # DataConfig field -> flag; the help is the schema's description
-    "mode": ("--mode", {"metavar": "MODE"}),
+    "mode": ("--mode", {"choices": get_args(DataConfig.model_fields["mode"].annotation)}),
     "block_size": ("--block-size", {"type": int, "metavar": "N"}),
-    "format": ("--format", {"metavar": "FMT"}),
+    "format": ("--format", {"choices": get_args(DataConfig.model_fields["format"].annotation)}),
     "text_field": ("--text-field", {"metavar": "NAME"}),
     "label_field": ("--label-field", {"metavar": "NAME"}),
 }
@@ -105,12 +106,12 @@ def add_eval_args(p) -> None:
     for name, (flag, kw) in _DATA_FLAGS.items():
         default = "the smallest context of the models, at most 1024" if name == "block_size" else repr(fields[name].default)
         p.add_argument(flag, dest=name, default=None, help=f"{fields[name].description} (default {default})", **kw)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    p.add_argument("--max-batches", type=int, default=None, help="score only the first N batches")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="sequences per forward pass (default 8)")
+    p.add_argument("--max-batches", type=int, default=None, metavar="N", help="score only the first N batches")
     p.add_argument("--output", "-o", choices=("text", "jsonl"), default="text",
                    help="text: a table; jsonl: one object per model")
     p.add_argument("--base", metavar="MODEL", help="base model for LoRA adapters (default: the one recorded with each)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
 
 
 def _data_config(args, contexts: list[int]) -> DataConfig:
@@ -155,8 +156,11 @@ def run_eval_cli(args) -> int:
 def format_table(rows: list[dict], task: str, file: Path, dcfg: DataConfig) -> str:
     width = max(12, *(len(r["model"]) for r in rows))
     if task == "classification":
-        head = f"{'model':{width}s} {'examples':>9s} {'loss':>8s} {'accuracy':>9s} {'macro-F1':>9s}"
+        labels = [k.removeprefix("f1_") for k in rows[0] if k.startswith("f1_")]
+        head = (f"{'model':{width}s} {'examples':>9s} {'loss':>8s} {'accuracy':>9s} {'macro-F1':>9s}"
+                + "".join(f" {'F1 ' + name:>{max(9, len(name) + 3)}s}" for name in labels))
         lines = [f"{r['model']:{width}s} {r['examples']:9,d} {r['loss']:8.4f} {r['accuracy']:9.4f} {r['macro_f1']:9.4f}"
+                 + "".join(f" {r.get('f1_' + name, float('nan')):{max(9, len(name) + 3)}.4f}" for name in labels)
                  + (f"   {r['accuracy'] - rows[0]['accuracy']:+.4f} accuracy vs first" if i else "")
                  for i, r in enumerate(rows)]
         title = f"{file} ({task})"

@@ -27,8 +27,8 @@ def _eos_ids(model, tok, stop: list[str]) -> list[int]:
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     if tok.eos_token_id is not None:
         ids.append(tok.eos_token_id)
-    vocab = tok.get_vocab()
-    ids += [vocab[s] for s in stop if s in vocab]  # a one-token stop string (<EOS>, JOKE:) stops like EOS
+    added = tok.get_added_vocab()
+    ids += [added[s] for s in stop if s in added]  # an added token as stop string (<EOS>, JOKE:) stops like EOS
     return sorted(set(ids))
 
 
@@ -64,9 +64,8 @@ def generate(model, tok, prompts: list[str], s: SampleConfig, context: int | Non
         kw.update(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)  # top_k=0: no top-k filter
     else:
         kw.update(temperature=None, top_k=None, top_p=None)
-    multi_token_stops = [x for x in s.stop if x not in tok.get_vocab()]
-    if multi_token_stops:
-        kw.update(stop_strings=multi_token_stops, tokenizer=tok)
+    if s.stop:
+        kw.update(stop_strings=list(s.stop), tokenizer=tok)
     torch.manual_seed(s.seed)
     records = []
     for i, (prompt, ids) in enumerate(zip(prompts, all_ids), 1):
@@ -134,7 +133,7 @@ def add_generate_args(p) -> None:
                    help="text: the prompt and its continuation; jsonl: one object per sequence (prompt, completion, "
                         "text, new_tokens, stop_reason)")
     p.add_argument("--base", metavar="MODEL", help="base model of a LoRA adapter (default: the one recorded with it)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -169,6 +168,8 @@ def sample_settings(args, run_sample: SampleConfig | None) -> SampleConfig:
 
     given = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
     base = run_sample.model_dump() if run_sample is not None else {}
+    if base.get("max_new_tokens") == 0:  # the run only switched its end-of-run sample off
+        base.pop("max_new_tokens")
     if given.get("greedy"):  # the run's sampling settings do not apply to greedy decoding
         for k in (*SAMPLING_ONLY, "num_sequences"):
             base.pop(k, None)
@@ -188,6 +189,8 @@ def run_generate_cli(args) -> int:
     trained = load_trained(args.model, "causal_lm", base=args.base, device=args.device)
     run_sample = trained.run_config.sample if trained.run_config is not None and Path(args.model).joinpath("run.json").is_file() else None
     s = sample_settings(args, run_sample)
+    if s.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += _read_prompts(args.prompts_file)
