@@ -90,14 +90,20 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, launch
     return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_main(args: list[str], capsys) -> tuple[int, str, str]:
+def run_main(args: list) -> tuple[int, str, str]:
     """`engine ARGS` in this process (no interpreter start-up): exit code, stdout, stderr."""
+    import contextlib
+    import io
+
     from engine.cli import main
 
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: usage errors and --help
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ def jsonl(out: str) -> list[dict]:
     return [json.loads(l) for l in out.splitlines() if l.strip()]
 
 
-def gen(capsys, model, *args) -> list[dict]:
-    rc, out, err = run_main(["generate", model, "--output", "jsonl", *args], capsys)
+def gen(model, *args) -> list[dict]:
+    rc, out, err = run_main(["generate", model, "--output", "jsonl", *args])
     assert rc == 0, err
     return jsonl(out)
 
@@ -26,13 +26,13 @@ def loaded(lm_runs):
     return load_trained(str(lm_runs["full"]), "causal_lm", device="cpu")
 
 
-def test_greedy_equals_transformers_without_cache_and_uses_the_cache(lm_runs, loaded, capsys):
+def test_greedy_equals_transformers_without_cache_and_uses_the_cache(lm_runs, loaded):
     """Greedy text through the CLI equals transformers' greedy decoding with the KV cache OFF; and the engine's
     decoding does use the cache: after the prompt, every forward gets one new token."""
     from engine.config import SampleConfig
     from engine.generate import generate
 
-    (r,) = gen(capsys, lm_runs["full"], "--greedy", "-p", "<BOS> the cat", "--max-new-tokens", "12")
+    (r,) = gen(lm_runs["full"], "--greedy", "-p", "<BOS> the cat", "--max-new-tokens", "12")
     model, tok = loaded.model, loaded.tokenizer
     ids = tok("<BOS> the cat", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -53,7 +53,7 @@ def test_greedy_equals_transformers_without_cache_and_uses_the_cache(lm_runs, lo
     assert lengths[0] == ids.shape[1] and len(lengths) >= 2 and set(lengths[1:]) == {1}, lengths
 
 
-def test_sampling_options_reach_the_sampler(lm_runs, loaded, capsys):
+def test_sampling_options_reach_the_sampler(lm_runs, loaded):
     """Seeded sampling is reproducible and the seed matters; several sequences per prompt; top-k 1 and a tiny top-p
     both reduce sampling to greedy; a large repetition penalty forbids any token already seen (prompt included)."""
     from engine.config import SampleConfig
@@ -63,58 +63,58 @@ def test_sampling_options_reach_the_sampler(lm_runs, loaded, capsys):
     prompt = "<BOS> a red"
     run = lambda **kw: [r["completion"] for r in generate(model, tok, [prompt], SampleConfig(max_new_tokens=10, **kw))]  # noqa: E731
     greedy = run(greedy=True)
-    a = gen(capsys, full, "-p", prompt, "--seed", "3", "--temperature", "1.5", "--num-sequences", "3", "--max-new-tokens", "10")
+    a = gen(full, "-p", prompt, "--seed", "3", "--temperature", "1.5", "--num-sequences", "3", "--max-new-tokens", "10")
     assert [x["sequence"] for x in a] == [1, 2, 3] and len({x["completion"] for x in a}) > 1
     assert [x["completion"] for x in a] == run(seed=3, temperature=1.5, num_sequences=3)
     assert [x["completion"] for x in a] != run(seed=4, temperature=1.5, num_sequences=3)
-    assert gen(capsys, full, "-p", prompt, "--top-k", "1", "--temperature", "2", "--max-new-tokens", "10")[0]["completion"] == greedy[0]
-    assert gen(capsys, full, "-p", prompt, "--top-p", "1e-6", "--top-k", "0", "--max-new-tokens", "10")[0]["completion"] == greedy[0]
+    assert gen(full, "-p", prompt, "--top-k", "1", "--temperature", "2", "--max-new-tokens", "10")[0]["completion"] == greedy[0]
+    assert gen(full, "-p", prompt, "--top-p", "1e-6", "--top-k", "0", "--max-new-tokens", "10")[0]["completion"] == greedy[0]
 
-    r = gen(capsys, full, "-p", prompt, "--greedy", "--repetition-penalty", "1000", "--max-new-tokens", "10")[0]
+    r = gen(full, "-p", prompt, "--greedy", "--repetition-penalty", "1000", "--max-new-tokens", "10")[0]
     new = tok(r["completion"], add_special_tokens=False).input_ids
     seen = tok(prompt, add_special_tokens=False).input_ids
     assert len(new) == len(set(new)) and not set(new) & set(seen), r
     assert r["completion"] != greedy[0]
 
 
-def test_stop_token_and_stop_string_cut_the_text(lm_runs, capsys):
+def test_stop_token_and_stop_string_cut_the_text(lm_runs):
     """Seeds' format: sampling from `<BOS>` writes `<EOS>` (an added token). With --stop <EOS> the same seeded
     sample ends there and the text is cut before it; a stop string of several characters cuts inside a token."""
     full = lm_runs["full"]
     args = ["-p", "<BOS>", "--seed", "1", "--temperature", "1.0", "--max-new-tokens", "40"]
-    ref = gen(capsys, full, *args)[0]["completion"]
+    ref = gen(full, *args)[0]["completion"]
     assert "<EOS>" in ref, ref  # the fine-tuned model ends its lines
-    r = gen(capsys, full, *args, "--stop", "<EOS>")[0]
+    r = gen(full, *args, "--stop", "<EOS>")[0]
     assert r["completion"] == ref[: ref.index("<EOS>")] and r["stop_reason"] == "stop"
     word = next(w for w in r["completion"].split() if w.isalpha() and len(w) >= 3)[1:]  # part of a word
-    s = gen(capsys, full, *args, "--stop", word)[0]
+    s = gen(full, *args, "--stop", word)[0]
     assert s["completion"] == ref[: ref.index(word)] and s["stop_reason"] == "stop"
 
-    rc, out, _ = run_main(["generate", full, *args, "--stop", "<EOS>", "-p", "<BOS> the dog"], capsys)
+    rc, out, _ = run_main(["generate", full, *args, "--stop", "<EOS>", "-p", "<BOS> the dog"])
     assert rc == 0 and out.count("### prompt") == 2 and "<EOS>" not in out  # text output, one block per prompt
 
 
-def test_run_folder_defaults_and_prompts_file(lm_runs, tmp_path, capsys):
+def test_run_folder_defaults_and_prompts_file(lm_runs, tmp_path):
     """A run folder's `sample:` section gives the defaults (here its prompt); prompts come from a file too."""
     import yaml
 
     cfg = yaml.safe_load((lm_runs["full"] / "config.yaml").read_text())
-    (r,) = gen(capsys, lm_runs["full"], "--max-new-tokens", "3")
+    (r,) = gen(lm_runs["full"], "--max-new-tokens", "3")
     assert r["prompt"] == cfg["sample"]["prompt"]
     f = tmp_path / "prompts.jsonl"
     f.write_text('{"prompt": "<BOS> the"}\n\n{"prompt": "<BOS> a"}\n')
-    rs = gen(capsys, lm_runs["full"] / "model", "--prompts-file", f, "--max-new-tokens", "3", "--greedy")
+    rs = gen(lm_runs["full"] / "model", "--prompts-file", f, "--max-new-tokens", "3", "--greedy")
     assert [x["prompt"] for x in rs] == ["<BOS> the", "<BOS> a"]
 
 
-def test_lora_adapter_on_its_base_equals_the_merged_export(lm_runs, capsys):
+def test_lora_adapter_on_its_base_equals_the_merged_export(lm_runs):
     """The adapter folder names its base (the full run's export); loaded on it with peft, greedy text equals the
     merged model's, and differs from the base alone (the adapter trained)."""
     adapter_cfg = json.loads((lm_runs["lora"] / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == str(lm_runs["full"] / "model")
     args = ["-p", "<BOS> the cat", "--seed", "5", "--temperature", "1.0", "--max-new-tokens", "16"]
-    via_adapter = gen(capsys, lm_runs["lora"] / "adapter", *args)[0]["completion"]
-    merged = gen(capsys, lm_runs["lora"] / "model", *args)[0]["completion"]
+    via_adapter = gen(lm_runs["lora"] / "adapter", *args)[0]["completion"]
+    merged = gen(lm_runs["lora"] / "model", *args)[0]["completion"]
     assert via_adapter == merged
 
     from engine.artifacts import load_trained
@@ -125,17 +125,17 @@ def test_lora_adapter_on_its_base_equals_the_merged_export(lm_runs, capsys):
                    for p in (lm_runs["lora"] / "adapter", lm_runs["lora"] / "model", lm_runs["full"] / "model"))
     torch.testing.assert_close(a, m, atol=1e-5, rtol=1e-5)
     assert (a - b).abs().max() > 1e-3  # the adapter trained
-    rc, _, err = run_main(["generate", lm_runs["lora"] / "adapter", "--base", lm_runs["dir"] / "nope", *args], capsys)
+    rc, _, err = run_main(["generate", lm_runs["lora"] / "adapter", "--base", lm_runs["dir"] / "nope", *args])
     assert rc == 2 and err.startswith("error: could not load model from")
 
 
-def test_context_limits(lm_runs, capsys):
+def test_context_limits(lm_runs):
     """n_positions=64: a prompt of 64+ tokens is refused; a 60-token prompt gets only the 4 tokens that fit."""
     long = "<BOS>" + " the" * 70
-    rc, out, err = run_main(["generate", lm_runs["full"], "-p", long], capsys)
+    rc, out, err = run_main(["generate", lm_runs["full"], "-p", long])
     assert rc == 2 and out == "" and err.strip().splitlines() == [
         "error: prompt 1 is 71 tokens long but the model's context is 64 tokens: shorten it to leave room for new tokens"]
-    (r,) = gen(capsys, lm_runs["full"], "-p", "<BOS>" + " the" * 59, "--max-new-tokens", "10", "--stop", "never")
+    (r,) = gen(lm_runs["full"], "-p", "<BOS>" + " the" * 59, "--max-new-tokens", "10", "--stop", "never")
     assert r["new_tokens"] <= 4 and (r["new_tokens"] < 4 or r["stop_reason"] == "context")
 
 
@@ -147,14 +147,14 @@ def test_context_limits(lm_runs, capsys):
     (["--max-new-tokens", "0"], "error: --max-new-tokens must be at least 1"),
     (["--prompts-file", "/nonexistent.txt"], "error: --prompts-file: file not found"),
 ])
-def test_bad_generate_input_is_one_line(lm_runs, capsys, args, needle):
-    rc, out, err = run_main(["generate", lm_runs["full"], *args], capsys)
+def test_bad_generate_input_is_one_line(lm_runs, args, needle):
+    rc, out, err = run_main(["generate", lm_runs["full"], *args])
     assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and needle in err, err
 
 
-def test_wrong_kind_of_model_folder(lm_runs, tmp_path, capsys):
-    rc, _, err = run_main(["generate", tmp_path / "missing"], capsys)
+def test_wrong_kind_of_model_folder(lm_runs, tmp_path):
+    rc, _, err = run_main(["generate", tmp_path / "missing"])
     assert rc == 2 and "error: model folder not found" in err
     (tmp_path / "empty").mkdir()
-    rc, _, err = run_main(["generate", tmp_path / "empty"], capsys)
+    rc, _, err = run_main(["generate", tmp_path / "empty"])
     assert rc == 2 and "is not a trained output" in err
