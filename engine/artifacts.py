@@ -80,6 +80,11 @@ def _run_config(run_dir: Path | None):
     return load_config([run_dir / "config.yaml"])
 
 
+def run_config_of(path: str):
+    """The RunConfig of the run a trained output came from (None if it is not inside a run folder)."""
+    return _run_config(locate(path)[2])
+
+
 def _tokenizer(folder: str):
     from transformers import AutoTokenizer
 

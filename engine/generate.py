@@ -184,11 +184,11 @@ def sample_settings(args, run_sample: SampleConfig | None) -> SampleConfig:
 
 
 def run_generate_cli(args) -> int:
-    from engine.artifacts import load_trained
+    from engine.artifacts import load_trained, run_config_of
 
-    trained = load_trained(args.model, "causal_lm", base=args.base, device=args.device)
-    run_sample = trained.run_config.sample if trained.run_config is not None and Path(args.model).joinpath("run.json").is_file() else None
-    s = sample_settings(args, run_sample)
+    # Settings and prompts first: a typo costs no model load.
+    run_cfg = run_config_of(args.model) if Path(args.model).joinpath("run.json").is_file() else None
+    s = sample_settings(args, run_cfg.sample if run_cfg is not None else None)
     if s.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
     prompts = list(args.prompt or [])
@@ -196,6 +196,7 @@ def run_generate_cli(args) -> int:
         prompts += _read_prompts(args.prompts_file)
     if not prompts:
         prompts = [s.prompt]
+    trained = load_trained(args.model, "causal_lm", base=args.base, device=args.device)
     records = generate(trained.model, trained.tokenizer, prompts, s, trained.context,
                        warn=lambda m: print(m, file=sys.stderr))
     for r in records:

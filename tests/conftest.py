@@ -127,5 +127,5 @@ def lm_runs(tmp_path_factory) -> dict[str, Path]:
         files, lora, model={"init": "pretrained", "name": str(full / "model"), "n_layer": None, "n_embd": None,
                             "n_head": None, "n_positions": None, **special},
         memory={"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}}, optim={"lr": 1e-2},
-        train={"max_steps": 6})))
+        train={"max_steps": 4})))
     return {"dir": d, "full": full, "lora": lora, **files}

@@ -46,19 +46,25 @@ def diverging(tmp_path_factory):
     return {"train": write_corpus(d / "train.txt", 400, 1), "validation": d / "other.txt"}
 
 
-EXTRA = dict(eval={"every_n_steps": 2, "early_stopping": {"patience": 2}}, train={"max_steps": 30})
+EXTRA = dict(eval={"every_n_steps": 2, "early_stopping": {"patience": 2}}, train={"max_steps": 30},
+             checkpoint={"every_n_steps": 2, "keep_last": 1, "keep_best": True})
 
 
 def val_records(out):
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"val_loss"' in l]
 
 
-def test_stops_keeps_best_and_newest_and_exports_best(diverging, tmp_path):
-    out = tmp_path / "run"
-    summary, losses = run_inprocess(diverging, out, **EXTRA,
-                                    checkpoint={"every_n_steps": 2, "keep_last": 1, "keep_best": True})
+@pytest.fixture(scope="module")
+def stopped(diverging, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    summary, losses = run_inprocess(diverging, out, **EXTRA)
     periodic = val_records(out)[:-1]  # the last record is the end-of-run eval
-    best = min(periodic, key=lambda r: r["val_loss"])
+    return {"out": out, "summary": summary, "losses": losses, "periodic": periodic,
+            "best": min(periodic, key=lambda r: r["val_loss"])}
+
+
+def test_stops_keeps_best_and_newest_and_exports_best(stopped):
+    out, losses, periodic, best = stopped["out"], stopped["losses"], stopped["periodic"], stopped["best"]
     assert best["step"] < len(losses) < 30  # stopped early; the best is not the last step (else nothing to test)
     # Stopped after exactly `patience` evals without improvement since the last improvement.
     steps = [r["step"] for r in periodic]
@@ -66,7 +72,7 @@ def test_stops_keeps_best_and_newest_and_exports_best(diverging, tmp_path):
     assert len(losses) == steps[steps.index(last_improvement) + 2]
     stop = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "early_stop" in l]
     assert len(stop) == 1 and stop[0]["step"] == len(losses) and stop[0]["early_stop"]["best_step"] == best["step"]
-    assert summary["best"] == {"step": best["step"], "val_loss": best["val_loss"], "early_stopped_at": len(losses)}
+    assert stopped["summary"]["best"] == {"step": best["step"], "val_loss": best["val_loss"], "early_stopped_at": len(losses)}
     # keep_last=1 kept only the newest, plus the best.
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == [f"step-{best['step']:07d}", f"step-{len(losses):07d}"]
@@ -79,22 +85,20 @@ def test_stops_keeps_best_and_newest_and_exports_best(diverging, tmp_path):
         assert all(torch.equal(exported[k], v) for k, v in saved.items()) == same
 
 
-def test_resume_continues_the_patience_count(diverging, tmp_path):
-    """Cut a run after its second-to-last checkpoint and resume: it stops at the same step, because the count of
-    evals without improvement comes back from the checkpoint (a fresh count would run 2 evals longer)."""
-    full = tmp_path / "full"
-    ckpt = {"every_n_steps": 2, "keep_last": 10}
-    _, ref = run_inprocess(diverging, full, **EXTRA, checkpoint=ckpt)
-    stopped = len(ref)
+def test_resume_continues_the_patience_count(diverging, stopped, tmp_path):
+    """Resume the stopped run from its best checkpoint (the newest removed, as after a crash): it stops at the same
+    step with the same losses, because the count of evals without improvement comes back from the checkpoint (a
+    fresh count would take the first eval after the resume as a new best and run 2 steps longer)."""
     cut = tmp_path / "cut"
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / f"step-{stopped:07d}")
+    shutil.copytree(stopped["out"], cut)
+    stopped_at, best = len(stopped["losses"]), stopped["best"]["step"]
+    shutil.rmtree(cut / "checkpoints" / f"step-{stopped_at:07d}")
     shutil.rmtree(cut / "model")
-    state = json.loads((cut / "checkpoints" / f"step-{stopped - 2:07d}" / "trainer_state.json").read_text())
-    assert state["early_stopping"]["bad_evals"] == 1 and state["early_stopping"]["best"] is not None
-    _, resumed = run_inprocess(diverging, cut, **EXTRA, checkpoint={**ckpt, "resume": True})
-    assert len(resumed) == stopped and resumed == ref
-    assert sorted(p.name for p in (cut / "checkpoints").iterdir())[-1] == f"step-{stopped:07d}"
+    state = json.loads((cut / "checkpoints" / f"step-{best:07d}" / "trainer_state.json").read_text())
+    assert state["early_stopping"]["best_step"] == best and state["early_stopping"]["stopped_at"] is None
+    _, resumed = run_inprocess(diverging, cut, **{**EXTRA, "checkpoint": {**EXTRA["checkpoint"], "resume": True}})
+    assert resumed == stopped["losses"]  # same steps, bitwise the same losses
+    assert [r["step"] for r in val_records(cut)] == [r["step"] for r in val_records(stopped["out"])]
 
 
 @pytest.mark.parametrize("overrides,message", [
