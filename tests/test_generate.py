@@ -54,44 +54,50 @@ def test_greedy_equals_transformers_without_cache_and_uses_the_cache(lm_runs, lo
 
 
 def test_sampling_options_reach_the_sampler(lm_runs, loaded):
-    """Seeded sampling is reproducible and the seed matters; several sequences per prompt; top-k 1 and a tiny top-p
-    both reduce sampling to greedy; a large repetition penalty forbids any token already seen (prompt included)."""
+    """Every decoding flag reaches `generate` (the CLI equals the same SampleConfig in-process). Seeded sampling is
+    reproducible and the seed matters; several sequences per prompt; top-k 1 and a tiny top-p both reduce sampling
+    to greedy; a large repetition penalty forbids any token already seen (prompt included)."""
     from engine.config import SampleConfig
     from engine.generate import generate
 
     full, model, tok = lm_runs["full"], loaded.model, loaded.tokenizer
     prompt = "<BOS> a red"
     run = lambda **kw: [r["completion"] for r in generate(model, tok, [prompt], SampleConfig(max_new_tokens=10, **kw))]  # noqa: E731
-    greedy = run(greedy=True)
     a = gen(full, "-p", prompt, "--seed", "3", "--temperature", "1.5", "--num-sequences", "3", "--max-new-tokens", "10")
     assert [x["sequence"] for x in a] == [1, 2, 3] and len({x["completion"] for x in a}) > 1
     assert [x["completion"] for x in a] == run(seed=3, temperature=1.5, num_sequences=3)
     assert [x["completion"] for x in a] != run(seed=4, temperature=1.5, num_sequences=3)
-    assert gen(full, "-p", prompt, "--top-k", "1", "--temperature", "2", "--max-new-tokens", "10")[0]["completion"] == greedy[0]
-    assert gen(full, "-p", prompt, "--top-p", "1e-6", "--top-k", "0", "--max-new-tokens", "10")[0]["completion"] == greedy[0]
+    b = gen(full, "-p", prompt, "--seed", "9", "--top-k", "5", "--top-p", "0.9", "--repetition-penalty", "1.3",
+            "--max-new-tokens", "10", "--num-sequences", "2")
+    assert [x["completion"] for x in b] == run(seed=9, top_k=5, top_p=0.9, repetition_penalty=1.3, num_sequences=2)
+    assert [x["completion"] for x in b] != run(seed=9, top_k=5, top_p=0.9, num_sequences=2)
 
-    r = gen(full, "-p", prompt, "--greedy", "--repetition-penalty", "1000", "--max-new-tokens", "10")[0]
+    greedy = run(greedy=True)[0]
+    assert run(top_k=1, temperature=2.0, seed=1) == [greedy] and run(top_p=1e-6, top_k=0, seed=1) == [greedy]
+    r = generate(model, tok, [prompt], SampleConfig(greedy=True, repetition_penalty=1000, max_new_tokens=10))[0]
     new = tok(r["completion"], add_special_tokens=False).input_ids
     seen = tok(prompt, add_special_tokens=False).input_ids
-    assert len(new) == len(set(new)) and not set(new) & set(seen), r
-    assert r["completion"] != greedy[0]
+    assert len(new) == len(set(new)) and not set(new) & set(seen) and r["completion"] != greedy, r
 
 
-def test_stop_token_and_stop_string_cut_the_text(lm_runs):
+def test_stop_token_and_stop_string_cut_the_text(lm_runs, loaded):
     """Seeds' format: sampling from `<BOS>` writes `<EOS>` (an added token). With --stop <EOS> the same seeded
     sample ends there and the text is cut before it; a stop string of several characters cuts inside a token."""
+    from engine.config import SampleConfig
+    from engine.generate import generate
+
     full = lm_runs["full"]
     args = ["-p", "<BOS>", "--seed", "1", "--temperature", "1.0", "--max-new-tokens", "40"]
-    ref = gen(full, *args)[0]["completion"]
+    ref = generate(loaded.model, loaded.tokenizer, ["<BOS>"], SampleConfig(seed=1, temperature=1.0, max_new_tokens=40))
+    ref = ref[0]["completion"]
     assert "<EOS>" in ref, ref  # the fine-tuned model ends its lines
     r = gen(full, *args, "--stop", "<EOS>")[0]
     assert r["completion"] == ref[: ref.index("<EOS>")] and r["stop_reason"] == "stop"
     word = next(w for w in r["completion"].split() if w.isalpha() and len(w) >= 3)[1:]  # part of a word
-    s = gen(full, *args, "--stop", word)[0]
-    assert s["completion"] == ref[: ref.index(word)] and s["stop_reason"] == "stop"
-
-    rc, out, _ = run_main(["generate", full, *args, "--stop", "<EOS>", "-p", "<BOS> the dog"])
-    assert rc == 0 and out.count("### prompt") == 2 and "<EOS>" not in out  # text output, one block per prompt
+    rc, out, _ = run_main(["generate", full, *args, "--stop", word, "-p", "<BOS> the dog"])
+    blocks = out.split("### prompt ")[1:]  # text output: a header line per prompt, then its text
+    assert rc == 0 and len(blocks) == 2 and blocks[0].startswith("1/2, sequence 1/1")
+    assert blocks[0].splitlines()[1] == "<BOS>" + ref[: ref.index(word)] and word not in blocks[1].split("\n", 1)[1]
 
 
 def test_run_folder_defaults_and_prompts_file(lm_runs, tmp_path):
@@ -107,26 +113,23 @@ def test_run_folder_defaults_and_prompts_file(lm_runs, tmp_path):
     assert [x["prompt"] for x in rs] == ["<BOS> the", "<BOS> a"]
 
 
-def test_lora_adapter_on_its_base_equals_the_merged_export(lm_runs):
-    """The adapter folder names its base (the full run's export); loaded on it with peft, greedy text equals the
-    merged model's, and differs from the base alone (the adapter trained)."""
+def test_lora_adapter_on_its_base_equals_the_merged_export(lm_runs, loaded):
+    """The adapter folder names its base (the full run's export); loaded on it with peft, seeded sampling gives the
+    merged export's text, and the adapter changed the model (logits differ from the base's)."""
+    from engine.artifacts import load_trained
+    from engine.config import SampleConfig
+    from engine.generate import generate
+
     adapter_cfg = json.loads((lm_runs["lora"] / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == str(lm_runs["full"] / "model")
-    args = ["-p", "<BOS> the cat", "--seed", "5", "--temperature", "1.0", "--max-new-tokens", "16"]
-    via_adapter = gen(lm_runs["lora"] / "adapter", *args)[0]["completion"]
-    merged = gen(lm_runs["lora"] / "model", *args)[0]["completion"]
-    assert via_adapter == merged
-
-    from engine.artifacts import load_trained
-
+    via_adapter = gen(lm_runs["lora"] / "adapter", "-p", "<BOS> the cat", "--seed", "5", "--temperature", "1.0",
+                      "--max-new-tokens", "16")[0]["completion"]
+    merged = load_trained(str(lm_runs["lora"] / "model"), device="cpu")
+    s = SampleConfig(seed=5, temperature=1.0, max_new_tokens=16)
+    assert via_adapter == generate(merged.model, merged.tokenizer, ["<BOS> the cat"], s)[0]["completion"]
     x = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
-        a, m, b = (load_trained(str(p), device="cpu").model(x).logits
-                   for p in (lm_runs["lora"] / "adapter", lm_runs["lora"] / "model", lm_runs["full"] / "model"))
-    torch.testing.assert_close(a, m, atol=1e-5, rtol=1e-5)
-    assert (a - b).abs().max() > 1e-3  # the adapter trained
-    rc, _, err = run_main(["generate", lm_runs["lora"] / "adapter", "--base", lm_runs["dir"] / "nope", *args])
-    assert rc == 2 and err.startswith("error: could not load model from")
+        assert (merged.model(x).logits - loaded.model(x).logits).abs().max() > 1e-3  # the adapter trained
 
 
 def test_context_limits(lm_runs):
@@ -153,6 +156,10 @@ def test_bad_generate_input_is_one_line(lm_runs, args, needle):
 
 
 def test_wrong_kind_of_model_folder(lm_runs, tmp_path):
+    rc, _, err = run_main(["generate", lm_runs["lora"] / "adapter", "--base", lm_runs["dir"] / "nope"])
+    assert rc == 2 and err.startswith("error: could not load model from")
+    rc, _, err = run_main(["generate", lm_runs["full"], "--base", lm_runs["full"] / "model"])
+    assert rc == 2 and "--base only applies to a LoRA adapter" in err
     rc, _, err = run_main(["generate", tmp_path / "missing"])
     assert rc == 2 and "error: model folder not found" in err
     (tmp_path / "empty").mkdir()
