@@ -13,7 +13,8 @@ What makes it more than keyword spotting:
 
 Output is deterministic: the same --seed and sizes give byte-identical files on any Python 3
 (only random.Random with an integer seed and ordered containers are used). The splits use the seeds
-seed, seed + 1 and seed + 2. Format: CSV (RFC 4180, `\\n` line endings) with a header `text,label`.
+seed, seed + 1 and seed + 2; texts are distinct within a split and no text occurs in two splits.
+Format: CSV (RFC 4180, `\\n` line endings) with a header `text,label`.
 
 Usage::
 
@@ -91,13 +92,17 @@ def neutral(rng: random.Random) -> str:
 MAKERS = {"negative": negative, "neutral": neutral, "positive": positive}
 
 
-def make_rows(n: int, seed: int) -> list[tuple[str, str]]:
-    """n (text, label) rows, labels drawn uniformly."""
+def make_rows(n: int, seed: int, exclude: set[str] | None = None) -> list[tuple[str, str]]:
+    """n (text, label) rows with distinct texts, none of them in `exclude`; labels drawn uniformly."""
     rng = random.Random(seed)
+    seen = set(exclude or ())
     rows = []
-    for _ in range(n):
+    while len(rows) < n:
         label = rng.choice(LABELS)
-        rows.append((MAKERS[label](rng), label))
+        text = MAKERS[label](rng)
+        if text not in seen:
+            seen.add(text)
+            rows.append((text, label))
     return rows
 
 
@@ -112,12 +117,15 @@ def to_csv(rows: list[tuple[str, str]]) -> str:
 def write_splits(out_dir: str, seed: int = 2024, train: int = 600, valid: int = 150, test: int = 150) -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     written = {}
+    used: set[str] = set()  # no text of one split occurs in another
     for offset, (name, n) in enumerate((("train", train), ("valid", valid), ("test", test))):
         if n <= 0:
             continue
+        rows = make_rows(n, seed + offset, used)
+        used.update(t for t, _ in rows)
         path = os.path.join(out_dir, f"{name}.csv")
         with open(path, "w", encoding="utf-8", newline="") as f:
-            f.write(to_csv(make_rows(n, seed + offset)))
+            f.write(to_csv(rows))
         written[name] = path
     return written
 
