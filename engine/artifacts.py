@@ -138,6 +138,8 @@ def load_trained(path: str, want_task: str | None = None, base: str | None = Non
     """The model (eval mode, fp32, on `device`) and its tokenizer; `want_task` rejects the wrong kind of model."""
     from engine.backends.torch_backend import pick_device
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("--device cuda: this torch build sees no CUDA GPU; use --device auto or cpu")
     folder, kind, run_dir = locate(path)
     run_cfg = _run_config(run_dir)
     if kind == "adapter":
