@@ -44,8 +44,12 @@ def _quiet_libraries() -> None:
     if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
         os.environ["DS_ACCELERATOR"] = "cpu"  # skips DeepSpeed's accelerator probe and its warning
     import logging
+    import warnings
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # Deprecation notices of the libraries' own internals (e.g. peft calling a renamed transformers method) are not
+    # the user's to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|torch)(\.|$)")
     if "transformers" in sys.modules:  # imported before the environment above was set (main() called in-process)
         from transformers.utils import logging as hf_logging
 

@@ -312,7 +312,7 @@ def run_training(cfg: RunConfig, dry_run: bool = False) -> dict:
         summary.update(ev)
         log({"step": step, **ev})
         _say(env, f"test: {eval_line(ev, 'test')}")
-    if step > start_step or resume_from is None:
+    if (step > start_step or resume_from is None) and last_checkpoint[0] != checkpoints_dir(out) / f"{PREFIX}{step:07d}":
         checkpoint(step)
     export_from = last_checkpoint[0]
     if cfg.checkpoint.keep_best and stopper.best_step not in (None, step):
