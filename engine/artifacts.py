@@ -40,10 +40,6 @@ class Trained:
         c = self.model.config
         return int(getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None) or 1024)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
 
 def _is_run_dir(p: Path) -> bool:
     return (p / "run.json").is_file() and (p / "config.yaml").is_file()
