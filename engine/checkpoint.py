@@ -205,6 +205,8 @@ def export_model(model, tokenizer, out_dir: Path, merge_lora: bool = True) -> di
         adapter_dir = out_dir / "adapter"
         model.save_pretrained(str(adapter_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(adapter_dir))
+        if getattr(model.peft_config["default"], "task_type", None) == "SEQ_CLS":
+            model.get_base_model().config.save_pretrained(str(adapter_dir))  # label names and pad id of the head
         written["adapter"] = adapter_dir
         if not merge_lora:
             return written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -43,8 +44,16 @@ def _quiet_libraries() -> None:
     if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
         os.environ["DS_ACCELERATOR"] = "cpu"  # skips DeepSpeed's accelerator probe and its warning
     import logging
+    import warnings
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # Deprecation notices of the libraries' own internals (e.g. peft calling a renamed transformers method) are not
+    # the user's to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|torch)(\.|$)")
+    if "transformers" in sys.modules:  # imported before the environment above was set (main() called in-process)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _has_cuda() -> bool:
@@ -114,13 +123,41 @@ def cmd_plan(args) -> int:
     return run_plan_cli(args)
 
 
+def cmd_generate(args) -> int:
+    from engine.generate import run_generate_cli
+
+    return run_generate_cli(args)
+
+
+def cmd_eval(args) -> int:
+    from engine.evaluate import run_eval_cli
+
+    return run_eval_cli(args)
+
+
+def cmd_classify(args) -> int:
+    from engine.classify import run_classify_cli
+
+    return run_classify_cli(args)
+
+
 COMMANDS = {
     "train": (cmd_train, "fine-tune a GPT-2 model (one process, or under deepspeed/torchrun)"),
     "plan": (cmd_plan, "will it fit? predict GPU memory, host RAM and step time of every configuration, "
                        "recommend the fastest that fits and write it as a config"),
     "report": (cmd_report, "plot runs from their metrics.jsonl (loss, lr, tokens/s, peak memory); several runs overlaid"),
+    "generate": (cmd_generate, "write text with a trained model (full model, ZeRO export or LoRA adapter): greedy or "
+                               "sampling, stop strings, several sequences; text or JSONL"),
+    "eval": (cmd_eval, "loss and perplexity (classifiers: accuracy and F1) of one or more trained models on a test "
+                       "file, as a comparison table"),
+    "classify": (cmd_classify, "label texts with a trained classifier (task: classification)"),
     "presets": (cmd_presets, "list the shipped config presets"),
 }
+
+
+# Subcommands that use a trained model; their arguments are defined next to their code.
+USE_ARGS = {"generate": ("engine.generate", "add_generate_args"), "eval": ("engine.evaluate", "add_eval_args"),
+            "classify": ("engine.classify", "add_classify_args")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
             from engine.report import add_report_args
 
             add_report_args(p)
+        if name in USE_ARGS:
+            module, fn = USE_ARGS[name]
+            getattr(importlib.import_module(module), fn)(p)
     return parser
 
 

@@ -67,8 +67,11 @@ class DataConfig(Section):
     train_file: str | None = Field(None, description="Text (one document per line) or JSONL; unset: the shipped sample corpus.")
     validation_file: str | None = Field(None, description="Unset: the sample corpus' validation split, or validation_split of train.")
     test_file: str | None = None
-    format: Literal["auto", "text", "jsonl"] = Field("auto", description="auto: by extension (.jsonl/.json -> jsonl).")
-    text_field: str = Field("text", description="JSONL field holding the text.")
+    format: Literal["auto", "text", "jsonl", "csv"] = Field(
+        "auto", description="auto: by extension (.jsonl/.json -> jsonl, .csv -> csv). csv: task=classification only."
+    )
+    text_field: str = Field("text", description="JSONL field (or CSV column) holding the text.")
+    label_field: str = Field("label", description="task=classification: JSONL field (or CSV column) holding the label.")
     mode: Literal["packed", "line_by_line"] = Field(
         "packed", description="packed: documents joined with EOS into full blocks (no padding). line_by_line: one example per line, dynamic padding."
     )
@@ -171,10 +174,18 @@ class TrainConfig(Section):
     )
 
 
+class EarlyStoppingConfig(Section):
+    patience: int = Field(
+        0, ge=0, description="Stop after this many periodic evals in a row without val_loss improving by min_delta; 0: off."
+    )
+    min_delta: float = Field(0.0, ge=0.0, description="An eval counts as an improvement only if val_loss falls by more than this.")
+
+
 class EvalConfig(Section):
     every_n_steps: int = Field(50, ge=0, description="0 disables periodic eval.")
     max_batches: int | None = Field(None, gt=0, description="Cap validation batches per eval.")
     at_end: bool = True
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
 
 
 class CheckpointConfig(Section):
@@ -186,6 +197,10 @@ class CheckpointConfig(Section):
         "(the run is then no longer an exact continuation). Off: such a resume is an error naming the difference."
     )
     export_merged_lora: bool = Field(True, description="Also save the LoRA adapter merged into the base weights.")
+    keep_best: bool = Field(
+        False, description="Checkpoint at every new lowest val_loss and keep that checkpoint past keep_last (the newest "
+        "is always kept too); the final export is made from the best weights."
+    )
 
 
 class LoggingConfig(Section):
@@ -209,13 +224,49 @@ class LoggingConfig(Section):
 
 
 class SampleConfig(Section):
+    """Text generation settings: the end-of-run sample and the defaults of `engine generate` on a run folder."""
+
     prompt: str = "Once upon a time"
-    max_new_tokens: int = Field(40, ge=0, description="0 disables the end-of-run sample.")
-    temperature: float = Field(0.8, gt=0.0)
-    top_k: int = Field(50, ge=0)
+    max_new_tokens: int = Field(40, ge=0, description="New tokens per sequence (at most; fewer if a stop or EOS comes "
+                                "first). In a run config, 0 disables the end-of-run sample.")
+    greedy: bool = Field(False, description="Always take the most likely token (no sampling).")
+    temperature: float = Field(0.8, gt=0.0, description="Sampling: <1 sharpens, >1 flattens the distribution.")
+    top_k: int = Field(50, ge=0, description="Sampling: keep the k most likely tokens; 0: all.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Sampling: keep the smallest set of tokens with this probability mass.")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="Divide the logits of tokens already present by this (1: off).")
+    stop: list[str] = Field(
+        default_factory=list, description="Stop strings or tokens (e.g. <EOS>): generation stops there and the text is cut before it."
+    )
+    num_sequences: int = Field(1, gt=0, description="Sequences per prompt.")
+    seed: int = Field(0, description="Sampling seed.")
+
+    @model_validator(mode="after")
+    def _greedy(self) -> "SampleConfig":
+        if self.greedy:
+            fields = type(self).model_fields
+            sampling = [k for k in ("temperature", "top_k", "top_p") if getattr(self, k) != fields[k].default]
+            if sampling:
+                raise ValueError(f"greedy decoding takes the most likely token, so {'/'.join(sampling)} would be ignored: "
+                                 "remove them or turn greedy off")
+            if self.num_sequences > 1:
+                raise ValueError("greedy decoding gives one sequence per prompt: set num_sequences=1 or sample instead")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        return self
+
+
+class ClassificationConfig(Section):
+    labels: list[str] | None = Field(
+        None, description="task=classification: label names in id order (data labels may be these names or their integer "
+        "ids); unset: the distinct labels of the train file, sorted. Saved as id2label/label2id in the exported model."
+    )
 
 
 class RunConfig(Section):
+    task: Literal["causal_lm", "classification"] = Field(
+        "causal_lm", description="causal_lm: next-token fine-tuning. classification: a classification head on labelled "
+        "CSV/JSONL (GPT2ForSequenceClassification)."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
@@ -226,6 +277,7 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    classification: ClassificationConfig = Field(default_factory=ClassificationConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> "RunConfig":
@@ -288,6 +340,27 @@ def check_combinations(cfg: RunConfig) -> None:
         n_layer = cfg.model.n_layer or (GPT2_SIZES[cfg.model.size][0] if cfg.model.size else None)
         if n_layer is not None and m.freeze.first_n_blocks >= n_layer:
             raise ValueError(f"memory.freeze.first_n_blocks={m.freeze.first_n_blocks} would freeze all {n_layer} blocks")
+    check_task_and_eval(cfg)
+
+
+def check_task_and_eval(cfg: RunConfig) -> None:
+    """task=classification and early stopping / best checkpoint: what they cannot be combined with."""
+    if cfg.task == "classification":
+        if cfg.memory.loss_chunk_size:
+            raise ValueError("memory.loss_chunk_size chunks the LM head's [tokens x vocab] logits, which task=classification "
+                             "does not have (its head outputs one score per label): unset memory.loss_chunk_size")
+        if cfg.data.format == "text":
+            raise ValueError("task=classification needs labelled rows: data.format=csv or jsonl (or auto with .csv/.jsonl files)")
+    elif cfg.data.format == "csv":
+        raise ValueError("data.format=csv is for task=classification; language-model data is text or jsonl")
+    elif cfg.classification.labels is not None:
+        raise ValueError("classification.labels is set but task=causal_lm: set task=classification or remove the key")
+    if (cfg.eval.early_stopping.patience or cfg.checkpoint.keep_best) and not cfg.eval.every_n_steps:
+        what = "eval.early_stopping.patience" if cfg.eval.early_stopping.patience else "checkpoint.keep_best"
+        raise ValueError(f"{what} acts on periodic evals, but eval.every_n_steps=0: set eval.every_n_steps")
+    labels = cfg.classification.labels
+    if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
+        raise ValueError("classification.labels needs at least two distinct names")
 
 
 # ----------------------------------------------------------------------------- loading

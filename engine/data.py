@@ -70,7 +70,8 @@ def tokenizer_fingerprint(tok) -> str:
 def _file_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    return "jsonl" if path.suffix.lower() in (".jsonl", ".json", ".ndjson") else "text"
+    suffix = path.suffix.lower()
+    return "jsonl" if suffix in (".jsonl", ".json", ".ndjson") else "csv" if suffix == ".csv" else "text"
 
 
 def read_documents(path: str | os.PathLike, fmt: str = "auto", text_field: str = "text") -> list[str]:
@@ -168,7 +169,8 @@ def split_long(token_lists: list[list[int]], block_size: int, how: str) -> list[
 
 @dataclass
 class TokenizedSplit:
-    """Examples of one split: a [N, block] tensor (packed) or a list of id lists (line_by_line)."""
+    """Examples of one split: a [N, block] tensor (packed), a list of id lists (line_by_line) or of (ids, label id)
+    pairs (classification)."""
 
     name: str
     mode: str
@@ -235,7 +237,12 @@ def load_splits(cfg: DataConfig, tok, with_test: bool = False) -> dict[str, Toke
 def collate(examples: list, pad_id: int, mode: str) -> dict[str, torch.Tensor]:
     """input_ids/labels (+attention_mask) and n_tokens, the host-side count of loss tokens.
 
-    line_by_line pads to the batch's longest example and masks pads out of attention and loss."""
+    line_by_line pads to the batch's longest example and masks pads out of attention and loss; classification
+    examples are (ids, label id) pairs (see engine/classify.py)."""
+    if mode == "classification":
+        from engine.classify import collate_classification
+
+        return collate_classification(examples, pad_id)
     if mode == "packed":
         # No attention_mask: every position is real, and SDPA keeps its causal fast path without one.
         ids = torch.stack(list(examples)) if not isinstance(examples, torch.Tensor) else examples

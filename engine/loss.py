@@ -48,3 +48,19 @@ def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = 
         else:
             total = total + _ce_sum(lm.lm_head, h[i : i + chunk_size], y[i : i + chunk_size])
     return total, n_tokens
+
+
+def classification_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT2ForSequenceClassification's own cross-entropy on the logits of each sequence's last non-pad token (found
+    through config.pad_token_id), as a sum over examples: the example is the loss unit (`n_tokens` = batch size)."""
+    y = batch["class_labels"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=y, use_cache=False)
+    n = y.new_tensor(y.shape[0])
+    return out.loss.float() * n, n
+
+
+def batch_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of a batch as (sum, count): classification batches carry `class_labels`."""
+    if "class_labels" in batch:
+        return classification_loss_sum(model, batch)
+    return lm_loss_sum(model, batch, chunk_size)

@@ -46,23 +46,41 @@ def gpt2_config(cfg: RunConfig, vocab_size: int = GPT2_VOCAB):
     return GPT2Config(**kw)
 
 
-def load_base_model(cfg: RunConfig, vocab_size: int, task: str = "causal_lm") -> nn.Module:
-    """GPT2LMHeadModel in fp32 (precision is applied by the backend), weights random or pretrained."""
-    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+def classification_head(cfg: RunConfig) -> dict:
+    """Config entries of the classification head: label names travel with the saved model (id2label/label2id)."""
+    labels = cfg.classification.labels
+    if not labels:
+        raise ConfigError("task=classification: the label names are not known yet (they come from the train data or "
+                          "classification.labels)")
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)},
+            "problem_type": "single_label_classification"}
+
+
+def load_base_model(cfg: RunConfig, vocab_size: int) -> nn.Module:
+    """GPT2LMHeadModel (task=causal_lm) or GPT2ForSequenceClassification (task=classification) in fp32 (precision is
+    applied by the backend), weights random or pretrained. A pretrained LM gets a new, randomly initialised head."""
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2ForSequenceClassification,
+                              GPT2LMHeadModel)
 
     m = cfg.model
+    classify = cfg.task == "classification"
+    head = classification_head(cfg) if classify else {}
     if m.init == "random":
         torch.manual_seed(cfg.train.seed)
         config = gpt2_config(cfg, vocab_size=GPT2_VOCAB)
         config._attn_implementation = m.attn_implementation
-        model = GPT2LMHeadModel(config)
+        config.update(head)
+        model = GPT2ForSequenceClassification(config) if classify else GPT2LMHeadModel(config)
     else:
+        auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
+        extra = dict(head, ignore_mismatched_sizes=True) if classify else {}  # another label set: a new head
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto.from_pretrained(
                 m.name,
                 attn_implementation=m.attn_implementation,
                 dtype=torch.float32,
                 trust_remote_code=m.trust_remote_code,
+                **extra,
             )
         except (OSError, ValueError) as e:
             is_path = os.sep in m.name or Path(m.name).exists() or m.name.startswith(".")
@@ -140,7 +158,8 @@ def apply_lora(model: nn.Module, cfg: RunConfig, extra_trainable: list[str] | No
         target_modules=list(lc.target_modules),
         fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as [in, out]
         bias="none",
-        task_type="CAUSAL_LM",
+        # SEQ_CLS: peft adds the classification head ("score") to modules_to_save, so it trains in full and is saved.
+        task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM",
         modules_to_save=extra_trainable,
         # Rows of added special tokens start random: train just those rows of the (tied) embedding.
         trainable_token_indices={"wte": new_token_ids} if new_token_ids else None,

@@ -33,7 +33,9 @@ def predict_peak(cfg: RunConfig, env: DistEnv, device_type: str) -> dict:
     """Predicted peak bytes per rank on `device_type` ('cuda' adds the GPU margin) and offloaded host bytes."""
     from engine.memory.simulate import simulate_deep
 
-    sim_cfg = cfg.model_copy(deep=True)
+    # task=classification is simulated as the causal LM of the same size: its [tokens x vocab] logits are far larger
+    # than a head of a few labels, so the prediction errs on the safe side.
+    sim_cfg = cfg.model_copy(deep=True, update={"task": "causal_lm"})
     sim_cfg.model.init = "random"  # the architecture is what matters; no weights are read
     sim = simulate_deep(sim_cfg, kernel="cuda" if device_type == "cuda" else "cpu", zero_world=env.world_size)
     device = sim.with_gpu_margin() if device_type == "cuda" else sim.peak_bytes

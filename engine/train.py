@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 from engine.backends.base import Backend
-from engine.checkpoint import (export_model, load_trainer_state, resolve_resume, save_checkpoint,
-                               tokenizer_fingerprint)
+from engine.checkpoint import (checkpoints_dir, export_model, load_trainer_state, resolve_resume,
+                               save_checkpoint, tokenizer_fingerprint)
 from engine.config import RunConfig, config_to_yaml
 from engine.data import StepSampler, eval_batches, load_splits, load_tokenizer
 from engine.distributed import DistEnv, dist_env
+from engine.early_stopping import EarlyStopping
 from engine.errors import ConfigError, EngineError
+from engine.evaluate import eval_line
 from engine.guards import BadStepGuard, StopSignal
 from engine.memory.meter import MemoryMeter
 from engine.model import build_model, parameter_counts
@@ -136,7 +138,12 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
 
     # Data first: a bad file costs seconds, not a gpt2-xl load.
     tok = load_tokenizer(cfg.model)
-    splits = load_splits(cfg.data, tok, with_test=cfg.data.test_file is not None)
+    if cfg.task == "classification":
+        from engine.classify import load_classification_splits
+
+        splits, cfg.classification.labels = load_classification_splits(cfg, tok)  # label names travel with the run
+    else:
+        splits = load_splits(cfg.data, tok, with_test=cfg.data.test_file is not None)
     from engine.backends.deepspeed_backend import grad_accum_steps
 
     accum = grad_accum_steps(cfg, env.world_size)
@@ -199,6 +206,7 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
 
     step, tokens_seen, best_val = 0, 0, math.inf
     guard = BadStepGuard(cfg.train.max_bad_steps)
+    stopper = EarlyStopping(cfg.eval.early_stopping)
     if resume_from is not None:
         st = load_trainer_state(resume_from, env.rank)  # restores RNG: after the model's random init
         try:
@@ -209,6 +217,7 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
             truncate_metrics(out / "metrics.jsonl", st["step"])
         step, tokens_seen, best_val = st["step"], st["tokens_seen"], st.get("best_val", math.inf)
         guard.load_state_dict(st.get("guard", {}))
+        stopper.load_state_dict(st.get("early_stopping"))
         _say(env, f"resumed from {resume_from} at step {step}")
 
     meter = MemoryMeter(backend.device)
@@ -244,6 +253,10 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
         n_max = math.ceil(len(batches) / env.world_size)
         weights = [1.0] * len(mine) + [0.0] * (n_max - len(mine))
         mine = mine + [batches[0]] * (n_max - len(mine))
+        if cfg.task == "classification":
+            from engine.classify import evaluate_classifier
+
+            return evaluate_classifier(backend, mine, weights, cfg.classification.labels, prefix)
         s, n = backend.eval_loss(mine, weights)
         loss = s / max(n, 1)
         return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50))}
@@ -258,9 +271,10 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
         state = {"step": step, "tokens_seen": tokens_seen, "best_val": best_val, "guard": guard.state_dict(),
                  # the data position: epoch e's order is randperm(shuffle_seed + e); the next step is in_epoch
                  "data": {"epoch": epoch, "step_in_epoch": in_epoch, "shuffle_seed": cfg.train.seed},
-                 "epoch": epoch, "layout": layout}
-        # While steps are failing, retention must not prune the last good state away.
-        keep = {last_good[0].name} if guard.run and last_good[0] else None
+                 "epoch": epoch, "layout": layout, "early_stopping": stopper.state_dict()}
+        keep = {stopper.best_checkpoint_name()} if cfg.checkpoint.keep_best and stopper.best_step else set()
+        if guard.run and last_good[0]:
+            keep.add(last_good[0].name)  # while steps are failing, retention must not prune the last good state
         path = save_checkpoint(backend, step, state, out, cfg.checkpoint.keep_last, keep=keep, tokenizer=tok)
         last_checkpoint[0] = path
         if not guard.run:
@@ -278,7 +292,7 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
     perm_epoch, perm = -1, None
     start_step = step
     preempted: Path | None = None
-    while step < total_steps:
+    while step < total_steps and not stopper.should_stop:
         epoch, in_epoch = divmod(step, sampler.steps_per_epoch)
         if epoch != perm_epoch:
             perm_epoch, perm = epoch, sampler.permutation(epoch)
@@ -315,10 +329,17 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
             ev = evaluate(val_batches)
             best_val = min(best_val, ev["val_loss"])
             log({"step": step, **ev})
-            msg = f"step {step}: val_loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}"
+            msg = f"step {step}: {eval_line(ev)}"
             (pbar.write(msg) if pbar else _say(env, msg))
+            if stopper.update(step, ev["val_loss"]) and cfg.checkpoint.keep_best:
+                checkpoint(step)  # the new best; kept past keep_last
+            if stopper.should_stop:
+                log({"step": step, "early_stop": stopper.state_dict()})
+                msg = stopper.message()
+                (pbar.write(msg) if pbar else _say(env, msg))
+                break
         if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and not is_last:
-            checkpoint(step)
+            checkpoint(step)  # a no-op when this step was just saved as the best
         # Collective when several ranks run (the signal may reach only some): every rank stops at the same step.
         if backend.any_rank(stop.signum is not None) and not is_last:
             preempted = checkpoint(step)
@@ -331,6 +352,8 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
     if preempted:
         if metrics:
             metrics.close()
+        if tb:
+            tb.close()
         _say(env, f"stopped by {stop.name or 'a signal on another rank'} at step {step}/{total_steps}: checkpoint "
                   f"saved in {preempted}. Resume with the same command plus --resume (or checkpoint.resume=true).")
         return {"steps": step, "preempted": True, "checkpoint": str(preempted)}
@@ -342,17 +365,25 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
     if val_batches and cfg.eval.at_end:
         ev = evaluate(val_batches)
         best_val = min(best_val, ev["val_loss"])
+        stopper.update(step, ev["val_loss"], count=False)
         log({"step": step, **ev})
         summary.update(ev)
-        _say(env, f"final: val_loss {ev['val_loss']:.4f} perplexity {ev['val_ppl']:.2f}")
+        _say(env, f"final: {eval_line(ev)}")
     if "test" in splits:
         ev = evaluate(eval_batches(splits["test"], cfg.train.micro_batch_size, tok.pad_token_id), prefix="test")
         summary.update(ev)
         log({"step": step, **ev})
-        _say(env, f"test: loss {summary['test_loss']:.4f} perplexity {summary['test_ppl']:.2f}")
+        _say(env, f"test: {eval_line(ev, 'test')}")
     if step > start_step or resume_from is None:
         checkpoint(step)
-    with backend.full_weights(last_checkpoint[0]) as full:
+    export_from = last_checkpoint[0]
+    if cfg.checkpoint.keep_best and stopper.best_step not in (None, step):
+        export_from = checkpoints_dir(out) / stopper.best_checkpoint_name()
+        backend.load(export_from)  # export the best weights
+        _say(env, f"exporting the best checkpoint: {export_from} (val_loss {stopper.best:.4f})")
+    summary["best"] = {"step": stopper.best_step, "val_loss": None if stopper.best_step is None else stopper.best,
+                       "early_stopped_at": stopper.stopped_at}
+    with backend.full_weights(export_from) as full:
         if env.is_main:
             written = export_model(full, tok, out, merge_lora=cfg.checkpoint.export_merged_lora)
             summary["export"] = {k: str(v) for k, v in written.items()}
@@ -360,7 +391,7 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
                 print(f"exported {k}: {v}", flush=True)
     backend.barrier()
     if env.is_main:
-        if "model" in summary.get("export", {}) and cfg.sample.max_new_tokens:
+        if "model" in summary.get("export", {}) and cfg.sample.max_new_tokens and cfg.task == "causal_lm":
             from engine.generate import sample_text
 
             text = sample_text(Path(summary["export"]["model"]), cfg.sample)

@@ -16,6 +16,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying DNS
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as the CLI sets it: no "Loading weights" bars on stderr
 
 WORDS = ("the cat dog bird sat ran flew on under over a red blue green mat tree house and then slept ate "
          "because it was warm cold day night in garden park").split()
@@ -88,3 +89,44 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, launch
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = (launcher or [sys.executable, "-m", "engine.cli"]) + args
     return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(args: list) -> tuple[int, str, str]:
+    """`engine ARGS` in this process (no interpreter start-up): exit code, stdout, stderr."""
+    import contextlib
+    import io
+
+    from engine.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: usage errors and --help
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def lm_runs(tmp_path_factory) -> dict[str, Path]:
+    """The seeds' text format (`<BOS> ... <EOS>` per line) fine-tuned twice on a tiny GPT-2: a full run (random
+    init, exports model/), then LoRA on that export as its pretrained base (exports adapter/ + merged model/)."""
+    from engine.config import validate_dict
+    from engine.train import run_training
+
+    d = tmp_path_factory.mktemp("lm")
+    raw = write_corpus(d / "raw.txt", 440, 3, min_words=3, max_words=12).read_text().splitlines()
+    (d / "train.txt").write_text("".join(f"<BOS> {l} <EOS>\n" for l in raw[:400]))
+    (d / "valid.txt").write_text("".join(f"<BOS> {l} <EOS>\n" for l in raw[400:]))
+    files = {"train": d / "train.txt", "validation": d / "valid.txt"}
+    special = {"special_tokens": {"additional": ["<BOS>", "<EOS>"]}}
+    full = d / "full"
+    run_training(validate_dict(tiny_overrides(files, full, model=special, optim={"lr": 1e-2},
+                                              train={"max_steps": 12, "micro_batch_size": 8})))
+    lora = d / "lora"
+    run_training(validate_dict(tiny_overrides(
+        files, lora, model={"init": "pretrained", "name": str(full / "model"), "n_layer": None, "n_embd": None,
+                            "n_head": None, "n_positions": None, **special},
+        memory={"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}}, optim={"lr": 1e-2},
+        train={"max_steps": 4})))
+    return {"dir": d, "full": full, "lora": lora, **files}

@@ -13,7 +13,8 @@ PRESETS = sorted(preset_dir().glob("*.yaml"))
 
 def test_presets_exist():
     names = {p.stem for p in PRESETS}
-    assert {"cpu_default", "gpt2-xl_full_t4", "gpt2-large_lora_8gb", "gpt2-xl_zero3_node", "gpt2-xl_zero2_offload"} <= names
+    assert {"cpu_default", "gpt2-xl_full_t4", "gpt2-large_lora_8gb", "gpt2-xl_zero3_node", "gpt2-xl_zero2_offload",
+            "cpu_sentiment"} <= names
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
@@ -80,6 +81,10 @@ def test_bad_values(override, needle):
     (["model.name=gpt2", "model.init=random", "memory.freeze.first_n_blocks=12"], "would freeze all 12 blocks"),
     (["memory.optimizer_in_backward=true", "optim.grad_clip=null", "memory.zero_stage=2"], "single-device torch backend"),
     (["memory.zero_stage=3", "memory.loss_chunk_size=512"], "outside ZeRO-3's gather hooks"),
+    (["task=classification", "memory.loss_chunk_size=64"], "task=classification does not have .* unset memory.loss_chunk_size"),
+    (["eval.every_n_steps=0", "eval.early_stopping.patience=2"], "acts on periodic evals, but eval.every_n_steps=0"),
+    (["sample.greedy=true", "sample.top_p=0.9"], "greedy decoding takes the most likely token, so top_p would be ignored"),
+    (["sample.greedy=true", "sample.num_sequences=2"], "greedy decoding gives one sequence per prompt"),
 ])
 def test_incompatible_combinations_are_rejected(overrides, message):
     with pytest.raises(ConfigError, match=message):

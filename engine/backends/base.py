@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from engine.config import RunConfig
 from engine.distributed import DistEnv
-from engine.loss import lm_loss_sum
+from engine.loss import batch_loss_sum
 from engine.model import DTYPES
 
 
@@ -104,7 +104,7 @@ class Backend(ABC):
         for i, b in enumerate(batches):
             w = 1.0 if weights is None else weights[i]
             with self.autocast():
-                s, n = lm_loss_sum(self.model, self.to_device(b), self.cfg.memory.loss_chunk_size)
+                s, n = batch_loss_sum(self.model, self.to_device(b), self.cfg.memory.loss_chunk_size)
             acc += torch.stack([s.double() * w, n.double() * w])
         self.all_reduce_sum(acc)
         if was_training:

@@ -18,7 +18,7 @@ from engine.backends.base import Backend, StepStats
 from engine.config import RunConfig
 from engine.distributed import DistEnv
 from engine.errors import ConfigError
-from engine.loss import lm_loss_sum
+from engine.loss import batch_loss_sum
 from engine.optim import build_optimizer, build_scheduler
 
 
@@ -165,7 +165,7 @@ class DeepSpeedBackend(Backend):
         lr = self.lr()
         skipped_before = self.engine.skipped_steps
         for mb in micro_batches:
-            loss_sum, _ = lm_loss_sum(self.engine, self.to_device(mb), self.cfg.memory.loss_chunk_size)
+            loss_sum, _ = batch_loss_sum(self.engine, self.to_device(mb), self.cfg.memory.loss_chunk_size)
             # DeepSpeed divides by accumulation steps and averages gradients over ranks; undo both so
             # the gradient is exactly d(sum of token losses)/d(global token count).
             self.engine.backward(loss_sum * (world * accum) / n_global.to(loss_sum.dtype))

@@ -14,7 +14,7 @@ from engine.backends.base import Backend, StepStats
 from engine.config import RunConfig
 from engine.distributed import DistEnv
 from engine.errors import ConfigError
-from engine.loss import lm_loss_sum
+from engine.loss import batch_loss_sum
 from engine.model import cast_frozen_matmul_weights
 from engine.optim import DynamicLossScale, InBackwardOptimizer, build_optimizer, build_scheduler, lr_lambda
 
@@ -85,7 +85,7 @@ class TorchBackend(Backend):
         for mb in micro_batches:
             mb = self.to_device(mb)
             with self.autocast():
-                loss_sum, _ = lm_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size)
+                loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size)
             # Dividing by the global token count makes accumulation exactly a token-weighted mean.
             self.scaler.scale(loss_sum / n_global).backward()
             loss_acc += loss_sum.detach().double()
@@ -117,7 +117,7 @@ class TorchBackend(Backend):
         scale = self.loss_scale.scale if self.loss_scale else 1.0
         opt.inv_scale, opt.overflow = 1.0 / scale, False
         with self.autocast():
-            loss_sum, _ = lm_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size)
+            loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size)
         (loss_sum * (scale / n)).backward()
         if self.loss_scale:
             self.loss_scale.update(opt.overflow)

@@ -1,0 +1,203 @@
+"""Load what a run produced, for `engine generate`, `engine eval` and `engine classify`.
+
+MODEL may be
+- a run folder (`logging.output_dir`: run.json + config.yaml): its exported `model/`, else its `adapter/`;
+- an exported model folder (config.json + model.safetensors from save_pretrained; any engine export, including
+  the consolidated export of a ZeRO run);
+- a LoRA adapter folder (adapter_config.json from peft), loaded onto its base with `PeftModel.from_pretrained`
+  and merged for inference. The base is `--base` if given, else the model the adapter records, else - for a run
+  that started from `model.init: random` - the same random base rebuilt from the run's config.yaml (same seed,
+  same weights);
+- a hub id (needs the hub; offline it fails with a one-line error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.errors import EngineError, ModelLoadError
+
+TASK_OF_ARCH = {"ForSequenceClassification": "classification", "LMHeadModel": "causal_lm", "ForCausalLM": "causal_lm"}
+WHAT = {"causal_lm": "a language model (use engine generate / engine eval)",
+        "classification": "a sequence classifier (use engine classify / engine eval)"}
+
+
+@dataclass
+class Trained:
+    model: torch.nn.Module
+    tokenizer: object
+    task: str  # causal_lm | classification
+    source: str  # what was loaded, for messages and tables
+    run_config: object | None  # the RunConfig of the run folder it came from, if any
+
+    @property
+    def context(self) -> int:
+        c = self.model.config
+        return int(getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None) or 1024)
+
+
+def _is_run_dir(p: Path) -> bool:
+    return (p / "run.json").is_file() and (p / "config.yaml").is_file()
+
+
+def locate(path: str) -> tuple[str, str, Path | None]:
+    """(folder or hub id, kind 'model' | 'adapter' | 'hub', run folder or None)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "adapter_config.json").is_file():
+            return str(p), "adapter", p.parent if _is_run_dir(p.parent) else None
+        if (p / "config.json").is_file():
+            return str(p), "model", p.parent if _is_run_dir(p.parent) else None
+        if _is_run_dir(p):
+            if (p / "model" / "config.json").is_file():
+                return str(p / "model"), "model", p
+            if (p / "adapter" / "adapter_config.json").is_file():
+                return str(p / "adapter"), "adapter", p
+            raise EngineError(f"{p} is a run folder without an exported model (model/ or adapter/): did the run finish?")
+        raise EngineError(f"{p} is not a trained output: expected a run folder, an exported model folder (config.json) "
+                          "or a LoRA adapter folder (adapter_config.json)")
+    if p.exists():
+        raise EngineError(f"{p} is a file: give a model folder, an adapter folder or a run folder")
+    if os.sep in path or path.startswith("."):
+        raise EngineError(f"model folder not found: {p}")
+    return path, "hub", None
+
+
+def _run_config(run_dir: Path | None):
+    if run_dir is None:
+        return None
+    from engine.config import load_config
+
+    return load_config([run_dir / "config.yaml"])
+
+
+def run_config_of(path: str):
+    """The RunConfig of the run a trained output came from (None if it is not inside a run folder)."""
+    return _run_config(locate(path)[2])
+
+
+def _tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    from engine.config import ModelConfig
+    from engine.data import load_tokenizer
+
+    p = Path(folder)
+    if p.is_dir() and not any((p / f).exists() for f in ("tokenizer.json", "vocab.json")):
+        tok = load_tokenizer(ModelConfig())  # the vendored GPT-2 BPE every GPT-2 size uses
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"could not load the tokenizer of {folder}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # masked out wherever it pads
+    tok.model_max_length = 10**9  # contexts are checked against the model, not the tokenizer
+    return tok
+
+
+def _task_of_config(config) -> str:
+    for arch in getattr(config, "architectures", None) or []:
+        for suffix, task in TASK_OF_ARCH.items():
+            if arch.endswith(suffix):
+                return task
+    return "causal_lm"
+
+
+def _check_task(task: str, want: str | None, what: str) -> None:
+    if want is not None and task != want:
+        raise EngineError(f"{what} is {WHAT[task]}")
+
+
+def _auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def _from_pretrained(task: str, name: str, **kw):
+    try:
+        return _auto_class(task).from_pretrained(name, dtype=torch.float32, **kw)
+    except (OSError, ValueError) as e:
+        if os.sep in name or Path(name).exists():
+            raise ModelLoadError(f"could not load model from {name}: {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"could not load {name!r} from the model hub (offline or unknown name): pass a local "
+                             "folder instead") from None
+
+
+def load_trained(path: str, want_task: str | None = None, base: str | None = None, device: str = "auto") -> Trained:
+    """The model (eval mode, fp32, on `device`) and its tokenizer; `want_task` rejects the wrong kind of model."""
+    from engine.backends.torch_backend import pick_device
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("--device cuda: this torch build sees no CUDA GPU; use --device auto or cpu")
+    folder, kind, run_dir = locate(path)
+    run_cfg = _run_config(run_dir)
+    if kind == "adapter":
+        trained = _load_adapter(folder, want_task, base, run_cfg)
+    else:
+        if base is not None:
+            raise EngineError(f"--base only applies to a LoRA adapter, and {path} is a full model")
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            if kind == "hub":
+                raise ModelLoadError(f"could not load {folder!r} from the model hub (offline or unknown name): pass a "
+                                     "local folder instead") from None
+            raise ModelLoadError(f"could not read the config of {folder}: {str(e).splitlines()[0]}") from None
+        task = _task_of_config(config)
+        _check_task(task, want_task, folder)
+        model = _from_pretrained(task, folder)
+        trained = Trained(model, _tokenizer(folder), task, folder, run_cfg)
+    trained.model.to(pick_device(device)).eval()
+    if trained.task == "causal_lm":
+        trained.model.config.use_cache = True  # turned off for training with checkpointing; generation wants it
+        if trained.model.config.pad_token_id is None:
+            trained.model.config.pad_token_id = trained.tokenizer.pad_token_id
+    return trained
+
+
+def _load_adapter(folder: str, want_task: str | None, base: str | None, run_cfg) -> Trained:
+    from peft import PeftConfig, PeftModel
+
+    from engine.model import load_base_model, resize_vocab
+
+    peft_cfg = PeftConfig.from_pretrained(folder)
+    task = "classification" if str(peft_cfg.task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS") else "causal_lm"
+    _check_task(task, want_task, folder)
+    tok = _tokenizer(folder)
+    head = {}
+    if task == "classification":
+        # The exported adapter of a classifier carries its model config (label names, pad id) next to it.
+        cfg_file = Path(folder) / "config.json"
+        if not cfg_file.is_file():
+            raise EngineError(f"{folder} has no config.json with the label names of this classifier (export it with "
+                              "this engine, or use the merged model folder)")
+        c = json.loads(cfg_file.read_text())
+        head = {"num_labels": len(c["id2label"]), "id2label": {int(k): v for k, v in c["id2label"].items()},
+                "label2id": c["label2id"], "pad_token_id": c.get("pad_token_id"), "ignore_mismatched_sizes": True}
+    base_name = base or peft_cfg.base_model_name_or_path
+    if base_name:
+        model = _from_pretrained(task, base_name, **head)
+        source = f"{folder} on {base_name}"
+    elif run_cfg is not None and run_cfg.model.init == "random":
+        model = load_base_model(run_cfg, len(tok))  # seeded: the very base the adapter was trained on
+        source = f"{folder} on the random base of its run (seed {run_cfg.train.seed})"
+    else:
+        raise EngineError(f"the base model of adapter {folder} is not recorded: pass --base MODEL")
+    resize_vocab(model, len(tok))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    try:
+        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"adapter {folder} does not fit its base {base_name or '(random init)'}: "
+                             f"{str(e).splitlines()[0][:300]}") from None
+    return Trained(model, tok, task, source, run_cfg)
