@@ -184,7 +184,7 @@ def poison(monkeypatch, from_call: int, how: str) -> None:
     its gradient infinite."""
     import engine.backends.torch_backend as tb
 
-    real, calls = tb.lm_loss_sum, [0]
+    real, calls = tb.batch_loss_sum, [0]
 
     def loss(model, batch, chunk):
         calls[0] += 1
@@ -193,7 +193,7 @@ def poison(monkeypatch, from_call: int, how: str) -> None:
             s = s * float("nan") if how == "nan" else InfGrad.apply(s)
         return s, n
 
-    monkeypatch.setattr(tb, "lm_loss_sum", loss)
+    monkeypatch.setattr(tb, "batch_loss_sum", loss)
 
 
 def test_non_finite_losses_stop_the_run_with_the_state_saved(corpus, tmp_path, monkeypatch):
