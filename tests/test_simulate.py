@@ -57,6 +57,9 @@ def test_zero_extras_beyond_the_estimators_exact_bytes():
     # released after use: the largest layer plus what the prefetcher gathers ahead of it
     z3 = zero_model_states(gpt2, gpt2, 3, 2, "fp32", largest_layer_params=wte, reuse_distance=0, prefetch_bucket_size=5e7)
     assert z3["gathered"] == 4 * 50_000_000
+    # ... but never more than the model has
+    tiny = zero_model_states(1_600_000, 1_600_000, 3, 2, "fp32", largest_layer_params=800_000, prefetch_bucket_size=5e7)
+    assert tiny["gathered"] == 4 * 1_600_000 - 4 * 800_000
     assert zero_model_states(XL, XL, 2, 8, "fp16", reuse_distance=1e9)["gathered"] == 0
     off = zero_model_states(XL, XL, 2, 8, "fp16", offload_optimizer=True, largest_param=XL_LARGEST)
     assert off["staging"] == 2 * XL_LARGEST

@@ -135,7 +135,7 @@ def zero_model_states(n_params: int, n_trainable: int, stage: int, world: int, p
         host += params
         params = 0.0
     buffers = reduce_bucket_size * w * (2 if overlap_comm and stage < 3 else 1) if stage >= 1 else 0
-    kept = max(min(n_params, reuse_distance // 2), largest_layer_params + prefetch_bucket_size)
+    kept = min(n_params, max(reuse_distance // 2, largest_layer_params + prefetch_bucket_size))
     gathered = max(0.0, w * kept - work) if stage == 3 else 0.0
     staging = 0.0
     if offload_optimizer and stage in (1, 2):
