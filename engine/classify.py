@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from engine.data import ASSETS, TokenizedSplit, _file_format
+from engine.data import ASSETS, TokenizedSplit, _file_format, read_text_file
 from engine.errors import DataError, EngineError
 
 SAMPLE_SENTIMENT = {"train": ASSETS / "sentiment" / "train.csv", "validation": ASSETS / "sentiment" / "valid.csv",
@@ -28,23 +28,6 @@ SAMPLE_SENTIMENT = {"train": ASSETS / "sentiment" / "train.csv", "validation": A
 
 
 # ----------------------------------------------------------------------------- reading labelled files
-
-
-def _read_text(p: Path) -> str:
-    if not p.exists():
-        raise DataError(f"data file not found: {p}")
-    if p.is_dir():
-        raise DataError(f"data path is a directory, not a file: {p}")
-    raw = p.read_bytes()
-    if not raw.strip():
-        raise DataError(f"data file is empty: {p}")
-    if b"\x00" in raw[:8192]:
-        raise DataError(f"data file looks binary (NUL byte): {p}")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"data file is not valid UTF-8: {p} (byte offset {e.start})") from None
-    return text[1:] if text.startswith("\ufeff") else text
 
 
 def _label_str(value, where: str, label_field: str) -> str:
@@ -63,7 +46,7 @@ def read_labelled(path: str | Path, fmt: str = "auto", text_field: str = "text",
     With `require_labels=False` (labelling new text) a missing label column is allowed and labels are None."""
     p = Path(path)
     kind = _file_format(p, fmt)
-    text = _read_text(p)
+    text = read_text_file(p)
     rows: list[tuple[str, str | None]] = []
     if kind == "csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))

@@ -74,9 +74,8 @@ def _file_format(path: Path, fmt: str) -> str:
     return "jsonl" if suffix in (".jsonl", ".json", ".ndjson") else "csv" if suffix == ".csv" else "text"
 
 
-def read_documents(path: str | os.PathLike, fmt: str = "auto", text_field: str = "text") -> list[str]:
-    """Validated documents of one file: one per non-empty line (text) or per JSON line (jsonl)."""
-    p = Path(path)
+def read_text_file(p: Path) -> str:
+    """A data file's text, or a one-line DataError saying why it is not a usable UTF-8 text file."""
     if not p.exists():
         raise DataError(f"data file not found: {p}")
     if p.is_dir():
@@ -91,8 +90,13 @@ def read_documents(path: str | os.PathLike, fmt: str = "auto", text_field: str =
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"data file is not valid UTF-8: {p} (byte offset {e.start}: {raw[e.start:e.start + 1]!r})") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def read_documents(path: str | os.PathLike, fmt: str = "auto", text_field: str = "text") -> list[str]:
+    """Validated documents of one file: one per non-empty line (text) or per JSON line (jsonl)."""
+    p = Path(path)
+    text = read_text_file(p)
     docs: list[str] = []
     if _file_format(p, fmt) == "jsonl":
         for lineno, line in enumerate(text.splitlines(), 1):
