@@ -18,6 +18,10 @@ MANIFEST = "manifest.json"
 PREFIX = "step-"
 
 
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:07d}"
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Identifies a vocabulary (tokens and ids, added tokens included): a resume with another tokenizer would
     train embeddings on the wrong rows."""
@@ -82,8 +86,8 @@ def save_checkpoint(backend, step: int, trainer_state: dict, output_dir: str | P
     """All ranks write into step-N.tmp; after a barrier rank 0 fsyncs, renames it and writes the manifest last.
     The tokenizer is saved with it (its fingerprint is in the trainer state's layout and checked on resume)."""
     root = checkpoints_dir(output_dir)
-    final = root / f"{PREFIX}{step:07d}"
-    tmp = root / f"{PREFIX}{step:07d}.tmp"
+    final = root / checkpoint_name(step)
+    tmp = root / f"{checkpoint_name(step)}.tmp"
     rank = backend.dist.rank
     if rank == 0:
         if tmp.exists():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from engine.checkpoint import PREFIX
+from engine.checkpoint import checkpoint_name
 from engine.config import EarlyStoppingConfig
 
 
@@ -52,7 +52,7 @@ class EarlyStopping:
                 f"for {self.bad_evals} evals (best {self.best:.4f} at step {self.best_step})")
 
     def best_checkpoint_name(self) -> str | None:
-        return None if self.best_step is None else f"{PREFIX}{self.best_step:07d}"
+        return None if self.best_step is None else checkpoint_name(self.best_step)
 
     def state_dict(self) -> dict:
         # JSON has no infinity: None stands for "no eval yet".

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from engine.backends.base import Backend
-from engine.checkpoint import (checkpoints_dir, export_model, load_trainer_state, resolve_resume,
+from engine.checkpoint import (checkpoint_name, checkpoints_dir, export_model, load_trainer_state, resolve_resume,
                                save_checkpoint, tokenizer_fingerprint)
 from engine.config import RunConfig, config_to_yaml
 from engine.data import StepSampler, eval_batches, load_splits, load_tokenizer
@@ -265,7 +265,7 @@ def _run_training(cfg: RunConfig, dry_run: bool, stop: StopSignal) -> dict:
     last_good: list[Path | None] = [resume_from]  # saved before the current run of non-finite steps began
 
     def checkpoint(step: int) -> Path:
-        if last_checkpoint[0] is not None and last_checkpoint[0].name == f"step-{step:07d}":
+        if last_checkpoint[0] is not None and last_checkpoint[0].name == checkpoint_name(step):
             return last_checkpoint[0]  # already saved at this step
         epoch, in_epoch = divmod(step, sampler.steps_per_epoch)
         state = {"step": step, "tokens_seen": tokens_seen, "best_val": best_val, "guard": guard.state_dict(),
