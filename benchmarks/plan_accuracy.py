@@ -62,7 +62,7 @@ def measured_configs() -> list[dict]:
 
 
 def predict(overrides: list[str], world: int) -> tuple[float, float, str]:
-    from engine.cli import resolve_config_path
+    from engine.config import resolve_config_path
     from engine.config import load_config
     from engine.memory.simulate import simulate_deep
 

@@ -156,7 +156,8 @@ def run_baseline(overrides: list[str], steps: int) -> dict:
     from transformers import DataCollatorForLanguageModeling, GPT2LMHeadModel, Trainer, TrainingArguments
 
     from engine.config import load_config
-    from engine.data import SAMPLE_CORPUS, load_tokenizer, read_documents
+    from engine.data import SAMPLE_CORPUS, read_documents
+    from engine.tokenizer import load_tokenizer
     from engine.memory.meter import peak_rss_bytes
     from engine.memory.tracker import MemoryTracker
     from engine.model import gpt2_config

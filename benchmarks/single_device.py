@@ -38,7 +38,7 @@ LORA = ["memory.optimizer_in_backward=false", "optim.name=adamw", "optim.grad_cl
 
 
 def cfg_from(args: list[str]):
-    from engine.cli import resolve_config_path
+    from engine.config import resolve_config_path
     from engine.config import load_config
 
     paths = [resolve_config_path(args[1])] if args and args[0] == "--config" else []

@@ -14,13 +14,16 @@ MODEL may be
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from engine.config import load_config
+from engine.devices import pick_device
 from engine.errors import EngineError, ModelLoadError
+from engine.model import from_pretrained, is_local_path, load_base_model, resize_vocab
+from engine.tokenizer import tokenizer_of
 
 TASK_OF_ARCH = {"ForSequenceClassification": "classification", "LMHeadModel": "causal_lm", "ForCausalLM": "causal_lm"}
 WHAT = {"causal_lm": "a language model (use engine generate / engine eval)",
@@ -63,7 +66,7 @@ def locate(path: str) -> tuple[str, str, Path | None]:
                           "or a LoRA adapter folder (adapter_config.json)")
     if p.exists():
         raise EngineError(f"{p} is a file: give a model folder, an adapter folder or a run folder")
-    if os.sep in path or path.startswith("."):
+    if is_local_path(path):
         raise EngineError(f"model folder not found: {p}")
     return path, "hub", None
 
@@ -71,34 +74,12 @@ def locate(path: str) -> tuple[str, str, Path | None]:
 def _run_config(run_dir: Path | None):
     if run_dir is None:
         return None
-    from engine.config import load_config
-
     return load_config([run_dir / "config.yaml"])
 
 
 def run_config_of(path: str):
     """The RunConfig of the run a trained output came from (None if it is not inside a run folder)."""
     return _run_config(locate(path)[2])
-
-
-def _tokenizer(folder: str):
-    from transformers import AutoTokenizer
-
-    from engine.config import ModelConfig
-    from engine.data import load_tokenizer
-
-    p = Path(folder)
-    if p.is_dir() and not any((p / f).exists() for f in ("tokenizer.json", "vocab.json")):
-        tok = load_tokenizer(ModelConfig())  # the vendored GPT-2 BPE every GPT-2 size uses
-    else:
-        try:
-            tok = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"could not load the tokenizer of {folder}: {str(e).splitlines()[0]}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # masked out wherever it pads
-    tok.model_max_length = 10**9  # contexts are checked against the model, not the tokenizer
-    return tok
 
 
 def _task_of_config(config) -> str:
@@ -120,20 +101,12 @@ def _auto_class(task: str):
     return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
 
 
-def _from_pretrained(task: str, name: str, **kw):
-    try:
-        return _auto_class(task).from_pretrained(name, dtype=torch.float32, **kw)
-    except (OSError, ValueError) as e:
-        if os.sep in name or Path(name).exists():
-            raise ModelLoadError(f"could not load model from {name}: {str(e).splitlines()[0]}") from None
-        raise ModelLoadError(f"could not load {name!r} from the model hub (offline or unknown name): pass a local "
-                             "folder instead") from None
+def _load(task: str, name: str, **kw):
+    return from_pretrained(_auto_class(task).from_pretrained, name, dtype=torch.float32, **kw)
 
 
 def load_trained(path: str, want_task: str | None = None, base: str | None = None, device: str = "auto") -> Trained:
     """The model (eval mode, fp32, on `device`) and its tokenizer; `want_task` rejects the wrong kind of model."""
-    from engine.backends.torch_backend import pick_device
-
     if device == "cuda" and not torch.cuda.is_available():
         raise EngineError("--device cuda: this torch build sees no CUDA GPU; use --device auto or cpu")
     folder, kind, run_dir = locate(path)
@@ -145,17 +118,9 @@ def load_trained(path: str, want_task: str | None = None, base: str | None = Non
             raise EngineError(f"--base only applies to a LoRA adapter, and {path} is a full model")
         from transformers import AutoConfig
 
-        try:
-            config = AutoConfig.from_pretrained(folder)
-        except (OSError, ValueError) as e:
-            if kind == "hub":
-                raise ModelLoadError(f"could not load {folder!r} from the model hub (offline or unknown name): pass a "
-                                     "local folder instead") from None
-            raise ModelLoadError(f"could not read the config of {folder}: {str(e).splitlines()[0]}") from None
-        task = _task_of_config(config)
+        task = _task_of_config(from_pretrained(AutoConfig.from_pretrained, folder))
         _check_task(task, want_task, folder)
-        model = _from_pretrained(task, folder)
-        trained = Trained(model, _tokenizer(folder), task, folder, run_cfg)
+        trained = Trained(_load(task, folder), tokenizer_of(folder), task, folder, run_cfg)
     trained.model.to(pick_device(device)).eval()
     if trained.task == "causal_lm":
         trained.model.config.use_cache = True  # turned off for training with checkpointing; generation wants it
@@ -167,12 +132,10 @@ def load_trained(path: str, want_task: str | None = None, base: str | None = Non
 def _load_adapter(folder: str, want_task: str | None, base: str | None, run_cfg) -> Trained:
     from peft import PeftConfig, PeftModel
 
-    from engine.model import load_base_model, resize_vocab
-
     peft_cfg = PeftConfig.from_pretrained(folder)
     task = "classification" if str(peft_cfg.task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS") else "causal_lm"
     _check_task(task, want_task, folder)
-    tok = _tokenizer(folder)
+    tok = tokenizer_of(folder)
     head = {}
     if task == "classification":
         # The exported adapter of a classifier carries its model config (label names, pad id) next to it.
@@ -185,7 +148,7 @@ def _load_adapter(folder: str, want_task: str | None, base: str | None, run_cfg)
                 "label2id": c["label2id"], "pad_token_id": c.get("pad_token_id"), "ignore_mismatched_sizes": True}
     base_name = base or peft_cfg.base_model_name_or_path
     if base_name:
-        model = _from_pretrained(task, base_name, **head)
+        model = _load(task, base_name, **head)
         source = f"{folder} on {base_name}"
     elif run_cfg is not None and run_cfg.model.init == "random":
         model = load_base_model(run_cfg, len(tok))  # seeded: the very base the adapter was trained on

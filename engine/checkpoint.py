@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import copy
 import json
 import os
 import random
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 from engine.errors import EngineError
+from engine.model import unwrap
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -20,15 +23,6 @@ PREFIX = "step-"
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Identifies a vocabulary (tokens and ids, added tokens included): a resume with another tokenizer would
-    train embeddings on the wrong rows."""
-    import hashlib
-
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -54,8 +48,6 @@ def py_rng_state() -> dict:
 
 
 def set_py_rng_state(st: dict) -> None:
-    import ast
-
     random.setstate(ast.literal_eval(st["python"]))
     n = st["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
@@ -200,8 +192,6 @@ def export_model(model, tokenizer, out_dir: Path, merge_lora: bool = True) -> di
 
     Returns the folders written: "model" (loadable by AutoModelForCausalLM) and, for LoRA, "adapter".
     """
-    from engine.model import unwrap
-
     model = unwrap(model)
     written: dict[str, Path] = {}
     is_peft = hasattr(model, "peft_config")
@@ -210,16 +200,14 @@ def export_model(model, tokenizer, out_dir: Path, merge_lora: bool = True) -> di
         model.save_pretrained(str(adapter_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(adapter_dir))
         if getattr(model.peft_config["default"], "task_type", None) == "SEQ_CLS":
-            model.get_base_model().config.save_pretrained(str(adapter_dir))  # label names and pad id of the head
+            unwrap(model, through_peft=True).config.save_pretrained(str(adapter_dir))  # label names and pad id of the head
         written["adapter"] = adapter_dir
         if not merge_lora:
             return written
         # Merge into a CPU copy so the training model (and its adapters) is left as it was.
-        import copy
-
         model = copy.deepcopy(model).cpu().merge_and_unload()
     model_dir = out_dir / "model"
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model, through_peft=True)
     use_cache = base.config.use_cache
     base.config.use_cache = True  # turned off for training only
     try:

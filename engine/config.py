@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,8 +97,10 @@ class FreezeConfig(Section):
 
 
 class MemoryConfig(Section):
-    precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="fp16/bf16 halve activation memory; fp16 uses dynamic loss scaling (T4: fp16 only)."
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="fp16/bf16 halve activation memory; fp16 uses dynamic loss scaling (T4: fp16 only). auto: "
+        "bf16 on GPUs with bf16 (Ampere and newer) and on CPUs with native bf16 matmul (AMX or avx512-bf16, probed at "
+        "run time), fp16 on GPUs without bf16 (T4, V100), fp32 on other CPUs; the run logs its choice."
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(
         0, description="ZeRO: 1 shards optimizer state, 2 also gradients, 3 also parameters, across ranks."
@@ -172,6 +175,20 @@ class TrainConfig(Section):
         5, ge=0, description="Stop (saving the state) after this many consecutive steps with a non-finite loss or an "
         "fp16 overflow skip; 0 never stops. An fp16 loss scale at its minimum (1) stops the run too."
     )
+
+
+    def accum_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank: grad_accum_steps, or derived from global_batch_size
+        (global = micro x accum x world size)."""
+        if self.global_batch_size is None:
+            return self.grad_accum_steps
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by micro_batch_size "
+                f"{self.micro_batch_size} x world size {world_size} = {per_step}: change one of them"
+            )
+        return self.global_batch_size // per_step
 
 
 class EarlyStoppingConfig(Section):
@@ -284,6 +301,34 @@ class RunConfig(Section):
         check_combinations(self)
         return self
 
+    def updated(self, changes: dict[str, Any]) -> "RunConfig":
+        """A validated copy with dotted keys changed (`{"memory.precision": "bf16"}`); this config is left as it is."""
+        data = self.model_dump()
+        for key, value in changes.items():
+            data = deep_merge(data, nest(key, value))
+        return validate_dict(data)
+
+    def backend_for(self, world_size: int) -> str:
+        """"torch" or "deepspeed" for a run of `world_size` processes (the launcher's count)."""
+        t, m = self.train, self.memory
+        if m.optimizer_in_backward and world_size > 1:
+            raise ConfigError(
+                f"memory.optimizer_in_backward runs on one device, but the launcher started {world_size} processes: "
+                "launch one process, or turn optimizer_in_backward off and use ZeRO"
+            )
+        if t.backend == "torch" and world_size > 1:
+            raise ConfigError(
+                f"train.backend=torch runs one process but the launcher started {world_size}: use train.backend=deepspeed"
+            )
+        if t.backend != "auto":
+            return t.backend
+        return "deepspeed" if needs_deepspeed(m.zero_stage, world_size) else "torch"
+
+
+def needs_deepspeed(zero_stage: int, world_size: int = 1) -> bool:
+    """The one rule for it: ZeRO (any stage > 0) and several processes run on DeepSpeed."""
+    return zero_stage > 0 or world_size > 1
+
 
 def check_combinations(cfg: RunConfig) -> None:
     """Reject feature combinations that cannot work, saying what to change."""
@@ -299,10 +344,10 @@ def check_combinations(cfg: RunConfig) -> None:
         )
     if o.name == "cpu_adam" and not m.offload_optimizer:
         raise ValueError("optim.name=cpu_adam (DeepSpeedCPUAdam) needs memory.offload_optimizer=true; otherwise use optim.name=adamw")
-    if m.zero_stage > 0 and t.backend == "torch":
+    if needs_deepspeed(m.zero_stage) and t.backend == "torch":
         raise ValueError(f"memory.zero_stage={m.zero_stage} needs the DeepSpeed backend: set train.backend=deepspeed (or auto)")
     if m.optimizer_in_backward:
-        if m.zero_stage > 0 or t.backend == "deepspeed":
+        if needs_deepspeed(m.zero_stage) or t.backend == "deepspeed":
             raise ValueError(
                 "memory.optimizer_in_backward runs on the single-device torch backend: set memory.zero_stage=0 and "
                 "train.backend=torch (or auto)"
@@ -365,12 +410,35 @@ def check_task_and_eval(cfg: RunConfig) -> None:
 
 # ----------------------------------------------------------------------------- loading
 
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "cpu_default"
 
-def _deep_merge(base: dict, update: dict) -> dict:
+
+def preset_dir() -> Path:
+    """configs/ of a source checkout, or the copy packaged as engine.presets in a wheel."""
+    if PRESETS_DIR.is_dir():
+        return PRESETS_DIR
+    return Path(str(files("engine.presets")))
+
+
+def resolve_config_path(name: str) -> str:
+    """A path, or the name of a shipped preset (`gpt2-xl_full_t4`)."""
+    p = Path(name)
+    if p.exists() or p.suffix in (".yaml", ".yml") or os.sep in name:
+        return name
+    candidate = preset_dir() / f"{name}.yaml"
+    if candidate.exists():
+        return str(candidate)
+    known = ", ".join(sorted(x.stem for x in preset_dir().glob("*.yaml")))
+    raise ConfigError(f"--config {name}: no such file or preset (presets: {known})")
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` merged into a copy of `base`, recursively for nested mappings (later wins)."""
     out = copy.deepcopy(base)
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -401,7 +469,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _nest(key: str, value: Any) -> dict:
+def nest(key: str, value: Any) -> dict:
+    """("optim.lr", 3e-5) -> {"optim": {"lr": 3e-5}}."""
     out: dict = {}
     node = out
     parts = key.split(".")
@@ -441,16 +510,29 @@ def load_config(paths: list[str] | str | None = None, overrides: list[str] | Non
         paths = [str(paths)]
     merged: dict = {}
     source: dict[str, str] = {}
-    for p in paths or []:
-        data = read_yaml(p)
-        for k in _flatten_keys(data):
-            source[k] = str(p)
-        merged = _deep_merge(merged, data)
+    layers = [(str(p), read_yaml(p)) for p in paths or []]
     for o in overrides or []:
         key, value = parse_override(o)
-        source[key] = "the command line"
-        merged = _deep_merge(merged, _nest(key, value))
+        layers.append(("the command line", nest(key, value)))
+    for where, data in layers:
+        for k in _flatten_keys(data):
+            source[k] = where
+        merged = _switch_to_pretrained(merged, data)
+        merged = deep_merge(merged, data)
     return validate_dict(merged, source)
+
+
+RANDOM_INIT_KEYS = ("n_layer", "n_embd", "n_head", "n_positions")
+
+
+def _switch_to_pretrained(merged: dict, layer: dict) -> dict:
+    """A layer that sets `model.init: pretrained` drops the random-init architecture keys of the layers below it (a
+    preset's tiny model must not leak into a pretrained run); keys the layer sets itself stay and are checked."""
+    model = layer.get("model")
+    if not isinstance(model, dict) or model.get("init") != "pretrained" or not isinstance(merged.get("model"), dict):
+        return merged
+    kept = {k: v for k, v in merged["model"].items() if k not in RANDOM_INIT_KEYS}
+    return {**merged, "model": kept}
 
 
 def validate_dict(data: dict, source: dict[str, str] | None = None) -> RunConfig:

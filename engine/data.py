@@ -1,4 +1,5 @@
-"""Text / JSONL files -> validated -> tokenized (cached, `datasets`) -> packed or line-by-line examples.
+"""Language-model data: files -> validated documents -> tokenized (cached, `datasets`) -> packed or line-by-line
+examples; and the batches of every task: one padded collate, the deterministic step sampler, eval batches.
 
 Every input problem (missing, empty, binary, non-UTF-8, bad JSONL, too small) is a `DataError`
 raised before a model is built, so a bad path never costs a model load.
@@ -7,116 +8,24 @@ raised before a model is built, so a bad path never costs a model load.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine.config import DataConfig, ModelConfig
+from engine.config import DataConfig
 from engine.errors import DataError
-
-ASSETS = Path(__file__).parent / "assets"
-TOKENIZER_DIR = ASSETS / "gpt2-tokenizer"
-SAMPLE_CORPUS = {"train": ASSETS / "corpus" / "train.txt", "validation": ASSETS / "corpus" / "valid.txt",
-                 "test": ASSETS / "corpus" / "test.txt"}
-IGNORE_INDEX = -100
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def load_tokenizer(model_cfg: ModelConfig):
-    """The vendored GPT-2 BPE (all GPT-2 sizes share it) unless a folder with its own tokenizer is given."""
-    from transformers import AutoTokenizer, GPT2TokenizerFast
-
-    folder = model_cfg.tokenizer
-    if folder is None and Path(model_cfg.name).is_dir() and any(
-        (Path(model_cfg.name) / f).exists() for f in ("tokenizer.json", "vocab.json")
-    ):
-        folder = model_cfg.name
-    if folder is None:
-        tok = GPT2TokenizerFast.from_pretrained(str(TOKENIZER_DIR))
-    else:
-        if not Path(folder).is_dir() or not any((Path(folder) / f).exists() for f in ("tokenizer.json", "vocab.json")):
-            raise DataError(f"model.tokenizer: {folder} is not a folder with tokenizer files (tokenizer.json or vocab.json)")
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code)
-    st = model_cfg.special_tokens
-    special = {k: v for k, v in (("bos_token", st.bos), ("eos_token", st.eos), ("pad_token", st.pad)) if v}
-    if special:
-        tok.add_special_tokens(special)
-    if st.additional:
-        tok.add_special_tokens({"additional_special_tokens": list(st.additional)})
-    if tok.eos_token is None:
-        tok.add_special_tokens({"eos_token": "<|endoftext|>"})
-    if tok.pad_token is None:
-        # Pad positions are masked out of attention and loss, so reusing EOS is safe and adds no embedding row.
-        tok.pad_token = tok.eos_token
-    tok.model_max_length = 10**9  # the data pipeline enforces block_size itself
-    return tok
-
-
-def tokenizer_fingerprint(tok) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
-    h.update(json.dumps([tok.bos_token, tok.eos_token, tok.pad_token]).encode())
-    return h.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- reading files
-
-
-def _file_format(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    suffix = path.suffix.lower()
-    return "jsonl" if suffix in (".jsonl", ".json", ".ndjson") else "csv" if suffix == ".csv" else "text"
-
-
-def read_text_file(p: Path) -> str:
-    """A data file's text, or a one-line DataError saying why it is not a usable UTF-8 text file."""
-    if not p.exists():
-        raise DataError(f"data file not found: {p}")
-    if p.is_dir():
-        raise DataError(f"data path is a directory, not a file: {p}")
-    raw = p.read_bytes()
-    if not raw.strip():
-        raise DataError(f"data file is empty: {p}")
-    nul = raw.find(b"\x00", 0, 8192)
-    if nul >= 0:
-        raise DataError(f"data file looks binary (NUL byte at offset {nul}): {p}")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"data file is not valid UTF-8: {p} (byte offset {e.start}: {raw[e.start:e.start + 1]!r})") from None
-    return text[1:] if text.startswith("\ufeff") else text
+from engine.loss import IGNORE_INDEX
+from engine.records import SAMPLE_CORPUS, file_format, read_records
+from engine.tokenizer import tokenizer_fingerprint
 
 
 def read_documents(path: str | os.PathLike, fmt: str = "auto", text_field: str = "text") -> list[str]:
-    """Validated documents of one file: one per non-empty line (text) or per JSON line (jsonl)."""
-    p = Path(path)
-    text = read_text_file(p)
-    docs: list[str] = []
-    if _file_format(p, fmt) == "jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p} line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or text_field not in obj:
-                raise DataError(f"{p} line {lineno}: no {text_field!r} field (set data.text_field)")
-            if not isinstance(obj[text_field], str):
-                raise DataError(f"{p} line {lineno}: field {text_field!r} is not a string")
-            if obj[text_field].strip():
-                docs.append(obj[text_field])
-    else:
-        docs = [line for line in text.splitlines() if line.strip()]
-    if not docs:
-        raise DataError(f"data file has no text: {p}")
-    return docs
+    """Validated documents of one language-model file: one per non-empty line (text) or per JSON line (jsonl).
+    Language-model data is text or JSONL: a .csv file is read as lines of text."""
+    kind = file_format(Path(path), fmt)
+    return [text for text, _ in read_records(path, "text" if kind == "csv" else kind, text_field)]
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -207,6 +116,14 @@ def build_split(name: str, path: Path, tok, cfg: DataConfig, docs: list[str] | N
     return TokenizedSplit(name, "line_by_line", examples, sum(len(x) for x in examples))
 
 
+def hold_out(items: list, fraction: float, path: Path, what: str) -> tuple[list, list]:
+    """`data.validation_split`: the last `fraction` of a train file's items become the validation split."""
+    n_val = max(1, int(len(items) * fraction))
+    if n_val >= len(items):
+        raise DataError(f"{path} has {len(items)} {what}: too few to hold out data.validation_split")
+    return items[:-n_val], items[-n_val:]
+
+
 def load_splits(cfg: DataConfig, tok, with_test: bool = False) -> dict[str, TokenizedSplit]:
     """train and validation (and test), validated and tokenized."""
     train_path = Path(cfg.train_file) if cfg.train_file else SAMPLE_CORPUS["train"]
@@ -222,10 +139,7 @@ def load_splits(cfg: DataConfig, tok, with_test: bool = False) -> dict[str, Toke
     test_path = Path(cfg.test_file) if cfg.test_file else (SAMPLE_CORPUS["test"] if with_test and cfg.train_file is None else None)
     test_docs = read_documents(test_path, cfg.format, cfg.text_field) if test_path and with_test else None
     if val_docs is None and cfg.validation_split > 0:
-        n_val = max(1, int(len(train_docs) * cfg.validation_split))
-        if n_val >= len(train_docs):
-            raise DataError(f"{train_path} has {len(train_docs)} documents: too few to hold out data.validation_split")
-        train_docs, val_docs = train_docs[:-n_val], train_docs[-n_val:]
+        train_docs, val_docs = hold_out(train_docs, cfg.validation_split, train_path, "documents")
         val_path = train_path
     out = {"train": build_split("train", train_path, tok, cfg, train_docs)}
     if val_docs is not None:
@@ -238,25 +152,32 @@ def load_splits(cfg: DataConfig, tok, with_test: bool = False) -> dict[str, Toke
 # ----------------------------------------------------------------------------- batching
 
 
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> right-padded ids and the attention mask (1 on real tokens)."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return ids, mask
+
+
 def collate(examples: list, pad_id: int, mode: str) -> dict[str, torch.Tensor]:
-    """input_ids/labels (+attention_mask) and n_tokens, the host-side count of loss tokens.
+    """One batch of `mode`'s examples, with `n_tokens`, the host-side count of loss units.
 
-    line_by_line pads to the batch's longest example and masks pads out of attention and loss; classification
-    examples are (ids, label id) pairs (see engine/classify.py)."""
-    if mode == "classification":
-        from engine.classify import collate_classification
-
-        return collate_classification(examples, pad_id)
+    packed: full blocks, no mask. line_by_line: padded to the batch's longest example, pads masked out of attention
+    and loss. classification: (ids, label id) pairs, right-padded (the model scores the last non-pad token), with
+    `class_labels`; the example is the loss unit."""
     if mode == "packed":
         # No attention_mask: every position is real, and SDPA keeps its causal fast path without one.
         ids = torch.stack(list(examples)) if not isinstance(examples, torch.Tensor) else examples
         return {"input_ids": ids, "labels": ids.clone(), "n_tokens": ids.shape[0] * (ids.shape[1] - 1)}
-    width = max(len(x) for x in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, x in enumerate(examples):
-        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
+    if mode == "classification":
+        ids, mask = pad_right([x for x, _ in examples], pad_id)
+        y = torch.tensor([c for _, c in examples], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "class_labels": y, "n_tokens": len(examples)}
+    ids, mask = pad_right(examples, pad_id)
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum())}
 

@@ -12,15 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from engine.data import IGNORE_INDEX
+from engine.model import unwrap
 
-
-def _lm_module(model):
-    """The GPT2LMHeadModel under DeepSpeed / peft wrappers (LoRA layers stay inside it)."""
-    m = getattr(model, "module", model)
-    if hasattr(m, "get_base_model"):
-        m = m.get_base_model()
-    return m
+IGNORE_INDEX = -100  # label of a position that is not a loss token (padding, a masked prompt)
 
 
 def _ce_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -38,7 +32,7 @@ def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = 
     if not chunk_size:
         logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
         return _ce_sum(torch.nn.Identity(), logits.view(-1, logits.shape[-1]), y), n_tokens
-    lm = _lm_module(model)
+    lm = unwrap(model, through_peft=True)  # GPT2LMHeadModel (LoRA layers stay inside it)
     hidden = lm.transformer(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
     h = hidden.view(-1, hidden.shape[-1])
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -7,7 +7,6 @@ benchmarks all run the same module graph:
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -16,8 +15,6 @@ from torch import nn
 
 from engine.config import GPT2_CONTEXT, GPT2_SIZES, GPT2_VOCAB, RunConfig
 from engine.errors import ConfigError, ModelLoadError
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,11 +53,31 @@ def classification_head(cfg: RunConfig) -> dict:
             "problem_type": "single_label_classification"}
 
 
+def is_local_path(name: str) -> bool:
+    return os.sep in name or name.startswith(".") or Path(name).exists()
+
+
+def from_pretrained(load, name: str, hub_hint: str = "pass a local folder instead", **kw):
+    """`load(name, **kw)` (a transformers or peft `from_pretrained`) with one-line errors: a local folder that does
+    not hold a saved model, or a hub name that cannot be fetched (offline here; `hub_hint` says what to do)."""
+    try:
+        return load(name, **kw)
+    except (OSError, ValueError) as e:
+        if is_local_path(name):
+            raise ModelLoadError(f"could not load model from {name}: {str(e).splitlines()[0]} "
+                                 "(the folder needs config.json and model.safetensors from save_pretrained)") from None
+        raise ModelLoadError(f"could not load {name!r} from the model hub (offline or unknown name): {hub_hint}") from None
+
+
 def load_base_model(cfg: RunConfig, vocab_size: int) -> nn.Module:
     """GPT2LMHeadModel (task=causal_lm) or GPT2ForSequenceClassification (task=classification) in fp32 (precision is
     applied by the backend), weights random or pretrained. A pretrained LM gets a new, randomly initialised head."""
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2ForSequenceClassification,
-                              GPT2LMHeadModel)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        GPT2ForSequenceClassification,
+        GPT2LMHeadModel,
+    )
 
     m = cfg.model
     classify = cfg.task == "classification"
@@ -74,25 +91,10 @@ def load_base_model(cfg: RunConfig, vocab_size: int) -> nn.Module:
     else:
         auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
         extra = dict(head, ignore_mismatched_sizes=True) if classify else {}  # another label set: a new head
-        try:
-            model = auto.from_pretrained(
-                m.name,
-                attn_implementation=m.attn_implementation,
-                dtype=torch.float32,
-                trust_remote_code=m.trust_remote_code,
-                **extra,
-            )
-        except (OSError, ValueError) as e:
-            is_path = os.sep in m.name or Path(m.name).exists() or m.name.startswith(".")
-            if is_path:
-                raise ModelLoadError(
-                    f"could not load model from {m.name}: {str(e).splitlines()[0]} "
-                    "(the folder needs config.json and model.safetensors from save_pretrained)"
-                ) from None
-            raise ModelLoadError(
-                f"could not load {m.name!r} from the model hub (offline or unknown name): download it elsewhere and pass "
-                f"model.name=/path/to/{m.name}, or set model.init=random to build its architecture with random weights"
-            ) from None
+        model = from_pretrained(auto.from_pretrained, m.name, attn_implementation=m.attn_implementation,
+                                dtype=torch.float32, trust_remote_code=m.trust_remote_code,
+                                hub_hint=f"download it elsewhere and pass model.name=/path/to/{m.name}, or set "
+                                         "model.init=random to build its architecture with random weights", **extra)
         if m.dropout is not None:
             for mod in model.modules():
                 if isinstance(mod, nn.Dropout):
@@ -194,15 +196,17 @@ def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int | No
     if mem.activation_checkpointing and (mem.lora.enabled or mem.freeze.embeddings):
         # With frozen embeddings the first block's input has no grad; non-reentrant checkpointing handles that,
         # but HF's helper also makes the embedding output require grad, which costs nothing and is robust.
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.enable_input_require_grads()
+        unwrap(model, through_peft=True).enable_input_require_grads()
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under DeepSpeed/peft wrappers."""
+def unwrap(model: nn.Module, through_peft: bool = False) -> nn.Module:
+    """The model under DeepSpeed's engine (and, with `through_peft`, under peft's PeftModel too: the transformers
+    model, whose LoRA layers stay inside it)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
+    if through_peft and hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     return model
 
 

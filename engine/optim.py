@@ -75,10 +75,11 @@ class InBackwardOptimizer:
 
     Each gradient is consumed and freed the moment autograd finishes it, so at most a few
     parameters' gradients exist at once instead of a full model-sized gradient buffer. The
-    hooks read `self.lr`, `self.grad_scale` (1/loss scale, for fp16) and report overflow.
+    hooks read `self.lr`, `self.inv_scale` (1/loss scale, for fp16) and report overflow.
     """
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig, device_type: str = "cpu"):
+    def __init__(self, model: nn.Module, cfg: OptimConfig, device_type: str = "cpu", step=None):
+        self.step_one = step or (lambda opt: opt.step())  # the simulator allocates states instead of stepping
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         for name, p in self.named:
@@ -89,7 +90,6 @@ class InBackwardOptimizer:
         self.lr = cfg.lr
         self.inv_scale = 1.0
         self.overflow = False
-        self.steps_applied = 0
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(name)) for name, p in self.named]
 
     def _hook(self, name: str):
@@ -105,7 +105,7 @@ class InBackwardOptimizer:
                     return
             for g in opt.param_groups:
                 g["lr"] = self.lr
-            opt.step()
+            self.step_one(opt)
             p.grad = None  # the point of the exercise: free this gradient now
 
         return hook

@@ -14,13 +14,28 @@ Host RAM and step time are modelled (stated assumptions below), not simulated.
 from __future__ import annotations
 
 import math
+import os
 import re
+import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
 
-from engine.config import GPT2_SIZES, load_config
+import yaml
+
+from engine.config import (
+    GPT2_SIZES,
+    deep_merge,
+    load_config,
+    needs_deepspeed,
+    nest,
+    parse_override,
+)
 from engine.errors import ConfigError
 from engine.memory.gpus import GPU, GPUS
-from engine.memory.simulate import GPU_OVERHEAD
+from engine.memory.measure import flops_per_token
+from engine.memory.simulate import GPU_OVERHEAD, simulate_deep
 
 GIB = 2**30
 VOCAB = 50257
@@ -144,7 +159,7 @@ def config_overrides(req: Request, s: Strategy, a: ActivationChoice, micro: int,
     precision = "bf16" if req.gpu.bf16 else "fp16"
     ov = [f"model.name={req.model}", f"data.block_size={req.seq_len}", f"memory.precision={precision}",
           f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}", *s.overrides]
-    ov.append("train.backend=deepspeed" if s.zero_stage else "train.backend=torch")
+    ov.append(f"train.backend={'deepspeed' if needs_deepspeed(s.zero_stage, req.gpus) else 'torch'}")
     if a.checkpoint_every:
         ov += ["memory.activation_checkpointing=true", f"memory.checkpoint_every_n_layers={a.checkpoint_every}"]
     if a.chunked_loss:
@@ -159,8 +174,6 @@ Figures = dict[str, tuple[tuple[int, dict], tuple[int, dict] | None]]  # phase -
 
 def simulate_phases(req: Request, s: Strategy, a: ActivationChoice, micro: int, accumulating: bool) -> tuple[dict, dict]:
     """Per-phase (peak, breakdown) of one candidate at `micro` (GPU kernels, one rank), and parameter counts."""
-    from engine.memory.simulate import simulate_deep
-
     ov = config_overrides(req, s, a, micro, 2 if accumulating else 1) + ["model.init=random"]
     sim = simulate_deep(load_config(None, ov), kernel="cuda", zero_world=req.gpus)
     return sim.phase_peaks, {"params": sim.params, "zero_host": (sim.zero or {}).get("host", 0)}
@@ -198,8 +211,6 @@ def step_seconds_per_token(req: Request, s: Strategy, a: ActivationChoice, n_par
                            micro_steps: int) -> float:
     """Modelled time per token: compute at ASSUMED_MFU of the GPU's peak (+ recompute for checkpointing and the
     chunked loss), host<->device copies for offload at PCIE_BYTES_PER_S, and DeepSpeedCPUAdam on the host."""
-    from engine.memory.measure import flops_per_token
-
     n_layer, n_embd, _ = GPT2_SIZES.get(req.model, GPT2_SIZES["gpt2-xl"])
     recompute = 1.0 / a.checkpoint_every if a.checkpoint_every else 0.0
     fpt = flops_per_token(n_params, n_layer, n_embd, req.seq_len, recompute, lora=req.lora)
@@ -278,8 +289,6 @@ def normalise_times(rows: list[Row]) -> None:
 
 
 def _phases_job(job: tuple) -> tuple[dict, dict]:
-    import warnings
-
     warnings.filterwarnings("ignore")
     return simulate_phases(*job)
 
@@ -288,10 +297,6 @@ def gather_figures(req: Request, progress=None, workers: int | None = None, ever
     """Simulated figures of every (strategy, activations) candidate: the slow part of a plan. Micro-batch 1 first;
     micro-batch 2 only where a larger micro-batch can fit (or `every_micro`, to record figures for any budget).
     Simulations run in `workers` processes (default: one per CPU core, at most 4): independent, single-threaded."""
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
     combos = [(s, a) for s in strategies(req) for a in activation_choices(s)]
     # With a global batch the plan accumulates (unless it steps in backward): figures then come from a 2-step
     # accumulation, whose peak (gradients alive during the next forward) holds for any longer accumulation.
@@ -342,8 +347,6 @@ def plan(req: Request, progress=None, workers: int | None = None) -> tuple[list[
 
 def verify(req: Request, row: Row) -> Row:
     """Simulate the chosen configuration itself (its micro-batch and accumulation) and replace the figures."""
-    from engine.memory.simulate import simulate_deep
-
     ov = config_overrides(req, row.strategy, row.activations, row.micro, min(row.accum, 2)) + ["model.init=random"]
     sim = simulate_deep(load_config(None, ov), kernel="cuda", zero_world=req.gpus)
     row.gpu_bytes, row.breakdown = sim.with_gpu_margin(), dict(sim.breakdown)
@@ -355,15 +358,9 @@ def verify(req: Request, row: Row) -> Row:
 
 def write_config(req: Request, row: Row, path) -> None:
     """The recommended configuration as a YAML file `engine train --config FILE` accepts unchanged."""
-    from pathlib import Path
-
-    import yaml
-
-    from engine.config import _deep_merge, _nest, parse_override
-
     tree: dict = {}
     for item in config_overrides(req, row.strategy, row.activations, row.micro, row.accum):
-        tree = _deep_merge(tree, _nest(*parse_override(item)))
+        tree = deep_merge(tree, nest(*parse_override(item)))
     tree.setdefault("logging", {})["output_dir"] = f"runs/{req.model}_plan"
     head = [
         f"# Written by `engine plan`: {req.model}, {req.gpus} x {req.gpu.name} ({req.gpu.memory_mib:,} MiB)"
@@ -386,81 +383,3 @@ def format_table(rows: list[Row], chosen: Row | None) -> str:
         verdict = "fits" if r.fits else f"no: {r.reason}"
         lines.append(f"{mark}{r.name:{w}s} {micro:>11s} {r.gpu_bytes / GIB:8.2f} {r.host_bytes / GIB:8.1f} {t:>6s}  {verdict}")
     return "\n".join(lines)
-
-
-# --- command line -----------------------------------------------------------------------------------------------
-
-
-def add_plan_args(p) -> None:
-    import argparse
-
-    p.add_argument("--model", default="gpt2-xl", choices=list(GPT2_SIZES), help="model size (default gpt2-xl)")
-    p.add_argument("--gpu", choices=list(GPUS), help="a known GPU: sets memory, bf16 support and peak FLOP/s")
-    p.add_argument("--gpu-mem", metavar="SIZE", help="memory per GPU, e.g. 16GiB (overrides --gpu's)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="the GPU supports bf16 (default: from --gpu, else no)")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) in the run (default 1)")
-    p.add_argument("--host-mem", metavar="SIZE", help="host RAM available to the run, e.g. 12GiB (default: not checked)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step over all GPUs (default: the micro-batch)")
-    p.add_argument("--lora", action="store_true", help="plan LoRA (r=16) instead of full fine-tuning")
-    p.add_argument("--write", metavar="FILE", help="where to write the recommended config (default plan-<model>.yaml)")
-    p.add_argument("--workers", type=int, help="simulation processes (default: CPU cores, at most 4)")
-
-
-def request_from_args(args) -> Request:
-    from dataclasses import replace
-
-    if not args.gpu and not args.gpu_mem:
-        raise ConfigError("say which GPU: --gpu NAME (" + ", ".join(GPUS) + ") or --gpu-mem SIZE, e.g. --gpu-mem 16GiB")
-    gpu = GPUS[args.gpu] if args.gpu else GPU(f"GPU with {args.gpu_mem}", 0, bf16=False, peak_tflops=65)
-    if args.gpu_mem:
-        gpu = replace(gpu, name=gpu.name if args.gpu else f"{args.gpu_mem} GPU",
-                      memory_mib=parse_size(args.gpu_mem) // 2**20)
-    if args.bf16 is not None:
-        gpu = replace(gpu, bf16=args.bf16)
-    if args.gpus < 1:
-        raise ConfigError("--gpus must be at least 1")
-    if args.seq_len < 2 or args.seq_len > 1024:
-        raise ConfigError(f"--seq-len {args.seq_len}: GPT-2 takes 2 to 1024 tokens")
-    if args.global_batch is not None and args.global_batch < args.gpus:
-        raise ConfigError(f"--global-batch {args.global_batch} is smaller than --gpus {args.gpus}")
-    return Request(model=args.model, gpu=gpu, gpus=args.gpus,
-                   host_bytes=parse_size(args.host_mem) if args.host_mem else None, seq_len=args.seq_len,
-                   global_batch=args.global_batch, lora=args.lora)
-
-
-def run_plan_cli(args) -> int:
-    from tqdm import tqdm
-
-    req = request_from_args(args)
-    n = sum(len(activation_choices(s)) for s in strategies(req))
-    print(f"Planning {req.model} {'LoRA' if req.lora else 'full fine-tune'} on {req.gpus} x {req.gpu.name} "
-          f"({req.gpu.memory_mib:,} MiB, {'bf16' if req.gpu.bf16 else 'fp16'})"
-          + (f", {req.host_bytes / GIB:.1f} GiB host RAM" if req.host_bytes else "")
-          + f", sequence {req.seq_len}" + (f", global batch {req.global_batch}" if req.global_batch else "")
-          + f": simulating {n} configurations")
-    bar = tqdm(total=n, unit="config", leave=False)
-    rows, chosen = plan(req, progress=lambda *_: bar.update(1), workers=args.workers)
-    bar.close()
-    if chosen:
-        verify(req, chosen)
-        if not chosen.fits:  # the direct simulation disagreed: take the next one
-            rows2 = [r for r in rows if r.fits and r is not chosen]
-            chosen = choose(rows2)
-            if chosen:
-                verify(req, chosen)
-    print(format_table(rows, chosen))
-    print(f"\nGPU GiB: simulated peak per GPU + {GPU_OVERHEAD['context_bytes'] // 2**20} MiB + "
-          f"{GPU_OVERHEAD['fragmentation']:.0%} margin. host GiB and time: modelled (see engine/plan.py). "
-          "time: per token, relative to the fastest configuration without recompute or offload.")
-    if chosen is None:
-        print("\nNothing fits. Try --lora, more GPUs (--gpus), a shorter --seq-len"
-              + (", more host RAM" if req.host_bytes else "") + (" or a smaller --global-batch." if req.global_batch else "."))
-        return 1
-    path = args.write or f"plan-{req.model}{'-lora' if req.lora else ''}.yaml"
-    write_config(req, chosen, path)
-    print(f"\nRecommended: {chosen.name}, micro-batch {chosen.micro} x {chosen.accum} accumulation: "
-          f"{chosen.gpu_bytes / GIB:.2f} GiB per GPU (simulated), x{chosen.relative_time:.2f} step time.")
-    print(f"Wrote {path}: engine train --config {path} data.train_file=YOUR.txt")
-    return 0

@@ -15,6 +15,7 @@ import torch
 from engine.config import RunConfig
 from engine.distributed import DistEnv
 from engine.errors import EngineError
+from engine.memory.simulate import simulate_deep
 
 GIB = 2**30
 
@@ -31,8 +32,6 @@ def available_host_bytes() -> int | None:
 
 def predict_peak(cfg: RunConfig, env: DistEnv, device_type: str) -> dict:
     """Predicted peak bytes per rank on `device_type` ('cuda' adds the GPU margin) and offloaded host bytes."""
-    from engine.memory.simulate import simulate_deep
-
     # task=classification is simulated as the causal LM of the same size: its [tokens x vocab] logits are far larger
     # than a head of a few labels, so the prediction errs on the safe side.
     sim_cfg = cfg.model_copy(deep=True, update={"task": "causal_lm"})

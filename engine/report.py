@@ -287,21 +287,3 @@ def write_plots(runs: list[RunMetrics], out_dir: str | Path) -> list[Path]:
 def plot_run(run_dir: str | Path) -> list[Path]:
     """The end-of-run plots: RUN_DIR/plots/*.png."""
     return write_plots([read_run(run_dir)], Path(run_dir) / PLOTS_DIR)
-
-
-# ----------------------------------------------------------------------------- engine report
-
-
-def add_report_args(p) -> None:
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each holds a metrics.jsonl)")
-    p.add_argument("--out", "-o", default=None, metavar="DIR",
-                   help="where to write the PNGs (default: RUN_DIR/plots for one run, ./report for several)")
-
-
-def run_report_cli(args) -> int:
-    dirs = [Path(d) for d in args.runs]
-    runs = [read_run(d, name) for d, name in zip(dirs, run_names(dirs))]
-    out = Path(args.out) if args.out else (dirs[0] / PLOTS_DIR if len(dirs) == 1 else Path("report"))
-    written = write_plots(runs, out)
-    print(f"wrote {len(written)} plots of {len(runs)} run(s) to {out}: {', '.join(p.name for p in written)}")
-    return 0

@@ -41,8 +41,11 @@ def tiny_overrides(corpus: dict[str, Path], out: Path, **extra) -> dict:
         "model": {"name": "gpt2", "init": "random", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "dropout": 0.0},
         "data": {"train_file": str(corpus["train"]), "validation_file": str(corpus["validation"]), "block_size": 32},
         "optim": {"lr": 1e-3, "name": "adamw"},
+        # fp32 pinned (the default, auto, depends on the CPU) and no pre-flight simulation: tiny runs compare losses
+        # across machines and pay for no simulation unless the test is about it.
+        "memory": {"precision": "fp32"},
         "schedule": {"warmup_steps": 2},
-        "train": {"micro_batch_size": 4, "max_steps": 6, "seed": 7},
+        "train": {"micro_batch_size": 4, "max_steps": 6, "seed": 7, "preflight": False},
         "eval": {"every_n_steps": 0, "max_batches": 4},
         # plots cost ~2 s a run here: drawn only where tested (test_report.py, the CLI's default run)
         "logging": {"output_dir": str(out), "progress": False, "log_every": 100, "plots": False},

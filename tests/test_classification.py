@@ -171,9 +171,9 @@ def test_zero3_classification_through_deepspeed(data, tmp_path):
 
 
 def _splits(tmp_path, files: dict, **cfg):
-    from engine.classify import load_classification_splits
+    from engine.classification import load_classification_splits
     from engine.config import validate_dict
-    from engine.data import load_tokenizer
+    from engine.tokenizer import load_tokenizer
 
     c = validate_dict({"task": "classification", "data": {"block_size": 16, **files}, **cfg})
     return load_classification_splits(c, load_tokenizer(c.model))
@@ -226,7 +226,7 @@ def test_label_errors_are_one_line(tmp_path):
 def test_metrics_from_a_confusion_matrix():
     """Rows gold, columns predicted. a: P 2/3 R 2/3; b: P 1/2 R 1/3; c: P 2/3 R 1; 'd' never occurs (left out of
     the macro average)."""
-    from engine.classify import metrics_from_confusion
+    from engine.metrics import metrics_from_confusion
 
     conf = torch.tensor([[2, 1, 0, 0], [1, 1, 1, 0], [0, 0, 2, 0], [0, 0, 0, 0]])
     m = metrics_from_confusion(conf, ["a", "b", "c", "d"], loss_sum=4.0, prefix="val")

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.backends.deepspeed_backend import grad_accum_steps, make_ds_config
-from engine.cli import preset_dir
+from engine.backends.deepspeed_backend import make_ds_config
+from engine.config import preset_dir
 from engine.config import describe_schema, load_config, parse_override, validate_dict
 from engine.errors import ConfigError
 
@@ -93,9 +93,9 @@ def test_incompatible_combinations_are_rejected(overrides, message):
 
 def test_global_batch_must_divide_by_world_size():
     cfg = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=12"])
-    assert grad_accum_steps(cfg, 1) == 3
+    assert cfg.train.accum_steps(1) == 3
     with pytest.raises(ConfigError, match="not divisible by micro_batch_size 4 x world size 2 = 8"):
-        grad_accum_steps(cfg, 2)
+        cfg.train.accum_steps(2)
 
 
 def test_ds_config_is_derived():
@@ -129,17 +129,14 @@ def test_schema_describes_every_leaf():
 
 
 def test_torch_backend_under_a_launcher_is_rejected():
-    from engine.distributed import DistEnv
-    from engine.train import choose_backend
-
     cfg = load_config(None, ["train.backend=torch"])
     with pytest.raises(ConfigError, match="use train.backend=deepspeed"):
-        choose_backend(cfg, DistEnv(rank=0, local_rank=0, world_size=2))
-    assert choose_backend(load_config(None, []), DistEnv(0, 0, 2)) == "deepspeed"
+        cfg.backend_for(2)
+    assert load_config(None, []).backend_for(2) == "deepspeed"
     in_bwd = load_config(None, ["memory.optimizer_in_backward=true", "optim.grad_clip=null"])
     with pytest.raises(ConfigError, match="optimizer_in_backward runs on one device, but the launcher started 2"):
-        choose_backend(in_bwd, DistEnv(0, 0, 2))
-    assert choose_backend(load_config(None, []), DistEnv()) == "torch"
+        in_bwd.backend_for(2)
+    assert load_config(None, []).backend_for(1) == "torch"
 
 
 def test_fp16_deepspeed_on_cpu_is_rejected(tmp_path):
@@ -163,7 +160,7 @@ def test_launcher_env_is_read_from_deepspeed_torchrun_or_slurm():
 
 
 def test_cuda_device_without_cuda_is_a_config_error():
-    from engine.backends.torch_backend import pick_device
+    from engine.devices import pick_device
 
     if __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -172,7 +169,7 @@ def test_cuda_device_without_cuda_is_a_config_error():
 
 
 def test_tokenizer_folder_without_files(tmp_path):
-    from engine.data import load_tokenizer
+    from engine.tokenizer import load_tokenizer
     from engine.errors import DataError
 
     with pytest.raises(DataError, match="not a folder with tokenizer files"):

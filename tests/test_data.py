@@ -5,7 +5,8 @@ import torch
 
 from engine.config import DataConfig, ModelConfig
 from engine.data import (IGNORE_INDEX, SAMPLE_CORPUS, StepSampler, TokenizedSplit, build_split, collate, load_splits,
-                         load_tokenizer, read_documents)
+                         read_documents)
+from engine.tokenizer import load_tokenizer
 from engine.errors import DataError
 
 

@@ -28,7 +28,7 @@ def records(out: Path) -> dict[int, dict]:
 def train(corpus, out: Path, **extra) -> dict:
     """In-process, with the config the CLI builds for the same overrides (the default preset underneath), so runs
     here and `engine train` subprocesses are comparable bit for bit."""
-    from engine.cli import DEFAULT_PRESET, resolve_config_path
+    from engine.config import DEFAULT_PRESET, resolve_config_path
     from engine.config import load_config
     from engine.train import run_training
 

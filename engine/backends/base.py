@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from engine.config import RunConfig
 from engine.distributed import DistEnv
-from engine.loss import batch_loss_sum
+from engine.metrics import loss_sums, to_device
 from engine.model import DTYPES
 
 
@@ -35,6 +35,9 @@ class Backend(ABC):
     name = "base"
 
     def __init__(self, cfg: RunConfig, dist_env: DistEnv):
+        if cfg.memory.precision not in DTYPES:
+            raise ValueError(f"memory.precision={cfg.memory.precision!r}: resolve it for the device first "
+                             "(engine.devices.resolve_precision)")
         self.cfg = cfg
         self.dist = dist_env
         self.dtype = DTYPES[cfg.memory.precision]
@@ -72,7 +75,7 @@ class Backend(ABC):
         return contextlib.nullcontext()
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return to_device(batch, self.device)
 
     # -- collectives (no-ops for one process)
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -95,18 +98,6 @@ class Backend(ABC):
         n = sum(b["n_tokens"] for b in micro_batches)
         return self.all_reduce_sum(torch.tensor([float(n)], device=self.device))
 
-    @torch.no_grad()
     def eval_loss(self, batches: list[dict], weights: list[float] | None = None) -> tuple[float, float]:
-        """Summed token loss and token count over batches (each rank its own share), reduced over ranks."""
-        was_training = self.model.training
-        self.model.eval()
-        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for i, b in enumerate(batches):
-            w = 1.0 if weights is None else weights[i]
-            with self.autocast():
-                s, n = batch_loss_sum(self.model, self.to_device(b), self.cfg.memory.loss_chunk_size)
-            acc += torch.stack([s.double() * w, n.double() * w])
-        self.all_reduce_sum(acc)
-        if was_training:
-            self.model.train()
-        return float(acc[0]), float(acc[1])
+        """Summed loss and loss-unit count over batches (each rank its own share), reduced over ranks."""
+        return loss_sums(self, batches, weights, self.cfg.memory.loss_chunk_size)

@@ -13,19 +13,21 @@ import socket
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from engine.backends.base import Backend, StepStats
-from engine.config import RunConfig
+from engine.config import RunConfig, deep_merge
 from engine.distributed import DistEnv
 from engine.errors import ConfigError
 from engine.loss import batch_loss_sum
+from engine.model import build_model, unwrap
 from engine.optim import build_optimizer, build_scheduler
 
 
 def make_ds_config(cfg: RunConfig, world_size: int, device_type: str = "cuda", user_json: dict | None = None) -> dict:
     """The DeepSpeed config for `cfg` (pure function). train_batch_size = micro x accum x world size."""
     m, t = cfg.memory, cfg.train
-    accum = grad_accum_steps(cfg, world_size)
+    accum = t.accum_steps(world_size)
     pin = device_type == "cuda"  # pinned host buffers speed up H2D copies; meaningless without a GPU
     zero: dict = {"stage": m.zero_stage}
     if m.zero_stage > 0:
@@ -64,28 +66,17 @@ def make_ds_config(cfg: RunConfig, world_size: int, device_type: str = "cuda", u
         "wall_clock_breakdown": False,
     }
     if user_json:
-        ds = _merge(ds, user_json)
+        ds = deep_merge(ds, user_json)
     return ds
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
-    t = cfg.train
-    if t.global_batch_size is None:
-        return t.grad_accum_steps
-    per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size {t.micro_batch_size} "
-            f"x world size {world_size} = {per_step}: change one of them"
-        )
-    return t.global_batch_size // per_step
+def precision_problem(precision: str, accelerator) -> str | None:
+    """Why DeepSpeed cannot train in `precision` on this accelerator (None if it can). Probed, not assumed: DeepSpeed's
+    CPU accelerator supports fp16 exactly where oneDNN has fp16 kernels (CPUs with AMX-FP16 or avx512-fp16)."""
+    if precision == "fp16" and not accelerator.is_fp16_supported():
+        return (f"memory.precision=fp16 is not supported by DeepSpeed on {accelerator.device_name()}: use bf16 or fp32 "
+                "here (fp16 needs a GPU, or a CPU with fp16 kernels)")
+    return None
 
 
 def load_user_ds_json(path: str | None) -> dict | None:
@@ -112,7 +103,6 @@ def free_port() -> int:
 def init_distributed(dist_env: DistEnv) -> None:
     """One process without a launcher still needs a (1-rank) process group for the DeepSpeed engine."""
     import deepspeed
-    import torch.distributed as dist
 
     if dist.is_initialized():
         return
@@ -134,11 +124,9 @@ class DeepSpeedBackend(Backend):
         from deepspeed.accelerator import get_accelerator
 
         acc = get_accelerator()
-        if cfg.memory.precision == "fp16" and not acc.is_fp16_supported():
-            raise ConfigError(
-                f"memory.precision=fp16 is not supported by DeepSpeed on {acc.device_name()}: use bf16 or fp32 here "
-                "(fp16 needs a GPU)"
-            )
+        problem = precision_problem(cfg.memory.precision, acc)
+        if problem:
+            raise ConfigError(problem)
         init_distributed(dist_env)
         world = torch.distributed.get_world_size()
         self.ds_config = make_ds_config(cfg, world, acc.device_name(), load_user_ds_json(cfg.train.deepspeed_config))
@@ -204,9 +192,9 @@ class DeepSpeedBackend(Backend):
             yield module
 
     def _fp32_model_from_checkpoint(self, ckpt_dir: Path) -> torch.nn.Module:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        from engine.model import build_model, unwrap
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="deepspeed")
         vocab = unwrap(self.engine.module).get_input_embeddings().weight.shape[0]

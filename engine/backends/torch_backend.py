@@ -1,40 +1,49 @@
-"""Plain PyTorch on one device (CPU or one GPU): autocast mixed precision, GradScaler for fp16.
+"""Plain PyTorch on one device (CPU or one GPU): autocast mixed precision, GradScaler for fp16; and its
+optimizer-in-backward form, which steps every parameter inside backward.
 
 No DeepSpeed engine in the way, which is what the single-device low-memory path builds on.
+
+The memory simulator runs these very steps on fake tensors. Fake tensors have no values, so it builds the backend
+with `values=False`: no non-finite check, no loss scaling (both read values on the host; neither holds memory
+worth counting), and `optimizer_step` allocating the states of optimizers whose kernels cannot run on fake tensors.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from engine.backends.base import Backend, StepStats
 from engine.config import RunConfig
+from engine.devices import pick_device
 from engine.distributed import DistEnv
-from engine.errors import ConfigError
 from engine.loss import batch_loss_sum
 from engine.model import cast_frozen_matmul_weights
-from engine.optim import DynamicLossScale, InBackwardOptimizer, build_optimizer, build_scheduler, lr_lambda
+from engine.optim import (
+    DynamicLossScale,
+    InBackwardOptimizer,
+    build_optimizer,
+    build_scheduler,
+    lr_lambda,
+)
 
 
-def pick_device(pref: str) -> torch.device:
-    if pref == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but this torch build sees no CUDA GPU: use train.device=auto or cpu")
-    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return torch.device("cpu")
+def step_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    optimizer.step()
 
 
 class TorchBackend(Backend):
-    name = "torch"
-    skip_nonfinite = True  # the memory simulation turns it off: fake tensors have no values to test
+    """fp32 master weights; autocast runs matmuls in 16-bit and keeps 16-bit activations for backward."""
 
-    def __init__(self, cfg: RunConfig, dist_env: DistEnv, model: torch.nn.Module, total_steps: int):
+    name = "torch"
+
+    def __init__(self, cfg: RunConfig, dist_env: DistEnv, model: torch.nn.Module, total_steps: int, *,
+                 values: bool = True, optimizer_step: Callable[[torch.optim.Optimizer], None] = step_optimizer):
         super().__init__(cfg, dist_env)
         self.device = pick_device(cfg.train.device)
-        # fp32 master weights; autocast runs matmuls in 16-bit and keeps 16-bit activations for backward.
         if any(p.device != self.device for p in model.parameters()):
             model = model.to(self.device)
         if cfg.memory.precision != "fp32" and cfg.memory.frozen_weights_16bit:
@@ -42,18 +51,16 @@ class TorchBackend(Backend):
         self.model = model
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.fp16 = cfg.memory.precision == "fp16"
-        self.in_backward = cfg.memory.optimizer_in_backward
-        if self.in_backward:
-            self.optimizer = InBackwardOptimizer(self.model, cfg.optim, self.device.type)
-            self.lr_fn = lr_lambda(total_steps, cfg.schedule)
-            self.steps_done = 0
-            self.optimizer.lr = cfg.optim.lr * self.lr_fn(0)
-            self.loss_scale = DynamicLossScale() if self.fp16 else None
-        else:
-            self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
-            self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.schedule)
-            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.fp16)
+        # fp16 needs loss scaling; the simulation (values=False) has no values to scale.
+        self.loss_scaling = cfg.memory.precision == "fp16" and values
+        self.skip_nonfinite = values
+        self.optimizer_step = optimizer_step
+        self.setup_optimizer(total_steps)
+
+    def setup_optimizer(self, total_steps: int) -> None:
+        self.optimizer = build_optimizer(self.model, self.cfg.optim, self.device.type)
+        self.scheduler = build_scheduler(self.optimizer, total_steps, self.cfg.schedule)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.loss_scaling)
 
     def autocast(self):
         # The autocast cache keeps a 16-bit copy of every weight until forward ends; under activation
@@ -78,8 +85,6 @@ class TorchBackend(Backend):
 
     def step_tensors(self, micro_batches: list[dict]) -> dict:
         """One optimizer step; results stay tensors (the memory simulator runs this on fake tensors)."""
-        if self.in_backward:
-            return self._fused_step(micro_batches[0])
         n_global = self.global_tokens(micro_batches)
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in micro_batches:
@@ -94,23 +99,68 @@ class TorchBackend(Backend):
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip else float("inf"))
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        scale_before = self.scaler.get_scale() if self.loss_scaling else None
         if scale_before is None and self.skip_nonfinite and not bool(torch.isfinite(grad_norm)):
             # fp32/bf16: a non-finite gradient would make every weight NaN; skip the step as GradScaler does for
             # fp16 (one host sync per step, for the norm that is logged anyway).
             skipped = True
-        else:
+        elif self.loss_scaling:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            skipped = scale_before is not None and self.scaler.get_scale() < scale_before
+            skipped = self.scaler.get_scale() < scale_before
+        else:
+            self.optimizer_step(self.optimizer)
+            skipped = False
         self.optimizer.zero_grad(set_to_none=True)  # frees gradient memory until the next backward
         self.scheduler.step()
         return {"loss_sum": loss_acc, "tokens": n_global.double(), "grad_norm": grad_norm, "skipped": skipped, "lr": lr,
-                "loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None}
+                "loss_scale": self.scaler.get_scale() if self.loss_scaling else None}
 
-    def _fused_step(self, mb: dict) -> dict:
+    # -- checkpoints: trainable weights as safetensors, optimizer/scheduler/scaler as weights-only torch files
+    def optimizer_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def save(self, ckpt_dir: Path) -> None:
+        trainable = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(ckpt_dir / "trainable.safetensors"))
+        torch.save(self.optimizer_state(), ckpt_dir / "optimizer.pt")
+
+    def load(self, ckpt_dir: Path) -> None:
+        state = load_file(str(ckpt_dir / "trainable.safetensors"), device=str(self.device))
+        expected = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+            raise ValueError(f"checkpoint weights do not match this model (missing {missing}, unexpected {extra})")
+        self.model.load_state_dict(state, strict=False)
+        self.load_optimizer_state(torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=True))
+
+
+class InBackwardBackend(TorchBackend):
+    """`memory.optimizer_in_backward`: one optimizer per parameter, stepped from the parameter's gradient hook, so no
+    model-sized gradient buffer ever exists. One micro-batch per step (nothing can accumulate), no clipping (the
+    global norm does not exist yet when a parameter steps); fp16 uses `DynamicLossScale`."""
+
+    name = "torch"
+
+    def setup_optimizer(self, total_steps: int) -> None:
+        self.optimizer = InBackwardOptimizer(self.model, self.cfg.optim, self.device.type, self.optimizer_step)
+        self.lr_fn = lr_lambda(total_steps, self.cfg.schedule)
+        self.steps_done = 0
+        self.optimizer.lr = self.cfg.optim.lr * self.lr_fn(0)
+        self.loss_scale = DynamicLossScale() if self.loss_scaling else None
+
+    def optimizers(self) -> list:
+        return list(self.optimizer.optimizers.values())
+
+    def step_tensors(self, micro_batches: list[dict]) -> dict:
         """Forward, then a backward during which every parameter is updated and its gradient freed."""
-        mb = self.to_device(mb)
+        mb = self.to_device(micro_batches[0])
         n = mb["n_tokens"]
         opt = self.optimizer
         lr = opt.lr
@@ -123,34 +173,21 @@ class TorchBackend(Backend):
             self.loss_scale.update(opt.overflow)
         self.steps_done += 1
         opt.lr = self.cfg.optim.lr * self.lr_fn(self.steps_done)
-        return {"loss_sum": loss_sum.detach(), "tokens": torch.tensor(float(n)), "grad_norm": None, "skipped": opt.overflow, "lr": lr,
-                "loss_scale": self.loss_scale.scale if self.loss_scale else None}
+        return {"loss_sum": loss_sum.detach(), "tokens": torch.tensor(float(n)), "grad_norm": None, "skipped": opt.overflow,
+                "lr": lr, "loss_scale": self.loss_scale.scale if self.loss_scale else None}
 
-    # -- checkpoints: trainable weights as safetensors, optimizer/scheduler/scaler as weights-only torch files
-    def save(self, ckpt_dir: Path) -> None:
-        trainable = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(ckpt_dir / "trainable.safetensors"))
-        if self.in_backward:
-            state = {"optimizer": self.optimizer.state_dict(), "steps_done": self.steps_done,
-                     "loss_scale": self.loss_scale.state_dict() if self.loss_scale else None}
-        else:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict()}
-        torch.save(state, ckpt_dir / "optimizer.pt")
+    def optimizer_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "steps_done": self.steps_done,
+                "loss_scale": self.loss_scale.state_dict() if self.loss_scale else None}
 
-    def load(self, ckpt_dir: Path) -> None:
-        state = load_file(str(ckpt_dir / "trainable.safetensors"), device=str(self.device))
-        expected = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-            raise ValueError(f"checkpoint weights do not match this model (missing {missing}, unexpected {extra})")
-        self.model.load_state_dict(state, strict=False)
-        opt = torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        if self.in_backward:
-            self.steps_done = opt["steps_done"]
-            if self.loss_scale and opt["loss_scale"]:
-                self.loss_scale.load_state_dict(opt["loss_scale"])
-        else:
-            self.scheduler.load_state_dict(opt["scheduler"])
-            self.scaler.load_state_dict(opt["scaler"])
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done = state["steps_done"]
+        if self.loss_scale and state["loss_scale"]:
+            self.loss_scale.load_state_dict(state["loss_scale"])
+
+
+def torch_backend(cfg: RunConfig, dist_env: DistEnv, model: torch.nn.Module, total_steps: int, **kw) -> TorchBackend:
+    """The single-device backend `cfg` asks for (optimizer-in-backward or the plain step)."""
+    cls = InBackwardBackend if cfg.memory.optimizer_in_backward else TorchBackend
+    return cls(cfg, dist_env, model, total_steps, **kw)

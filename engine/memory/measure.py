@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.backends.torch_backend import torch_backend
 from engine.config import GPT2_SIZES, RunConfig
+from engine.devices import pick_device, resolve_precision
 from engine.distributed import DistEnv
 from engine.memory.meter import peak_rss_bytes
 from engine.memory.tracker import MemoryTracker
@@ -71,19 +73,19 @@ def model_shape(cfg: RunConfig) -> tuple[int, int]:
 
 
 def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True) -> Measurement:
-    """Run `steps` real optimizer steps of `cfg` on one device and measure them."""
-    from engine.backends.torch_backend import TorchBackend
-
+    """Run `steps` real optimizer steps of `cfg` on one device and measure them (`memory.precision: auto` is resolved
+    for the device, as `engine train` does)."""
+    precision, _ = resolve_precision(cfg.memory.precision, pick_device(cfg.train.device))
+    cfg = cfg.updated({"memory.precision": precision})
     torch.manual_seed(cfg.train.seed)
     micro, seq, accum = cfg.train.micro_batch_size, cfg.data.block_size, cfg.train.grad_accum_steps
     model = build_model(cfg, 50257)
     counts = parameter_counts(model)
-    backend = TorchBackend(cfg, DistEnv(), model, total_steps=steps + warmup)
+    backend = torch_backend(cfg, DistEnv(), model, total_steps=steps + warmup)
     tracker = MemoryTracker()
     if track:
         tracker.track_model(backend.model)
-        opts = backend.optimizer.optimizers.values() if cfg.memory.optimizer_in_backward else [backend.optimizer]
-        for o in opts:
+        for o in backend.optimizers():
             tracker.track_optimizer(o)
     if backend.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -100,9 +102,8 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
                 torch.cuda.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - t)
-            if track and cfg.memory.optimizer_in_backward:
-                for o in backend.optimizer.optimizers.values():
-                    tracker._tag_optimizer_state(o)
+            if track:
+                tracker.refresh_optimizers()
     times.sort()
     step_s = times[len(times) // 2]
     n_layer, n_embd = model_shape(cfg)
@@ -110,8 +111,7 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
     recompute = (1.0 / mem.checkpoint_every_n_layers) if mem.activation_checkpointing else 0.0
     fpt = flops_per_token(counts["total"], n_layer, n_embd, seq, recompute, lora=mem.lora.enabled)
     tps = micro * seq * accum / step_s
-    dtype = torch.float32 if mem.precision == "fp32" else {"fp16": torch.float16, "bf16": torch.bfloat16}[mem.precision]
-    peak_flops = measure_matmul_peak(backend.device, dtype if backend.device.type == "cuda" else torch.float32)
+    peak_flops = measure_matmul_peak(backend.device, backend.dtype if backend.device.type == "cuda" else torch.float32)
     return Measurement(
         peak_bytes=tracker.peak,
         breakdown=dict(tracker.peak_breakdown),

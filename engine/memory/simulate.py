@@ -28,10 +28,14 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-from engine.config import RunConfig
+from engine.backends.deepspeed_backend import load_user_ds_json, make_ds_config
+from engine.backends.torch_backend import torch_backend
+from engine.config import GPT2_SIZES, RunConfig
+from engine.devices import resolve_precision
+from engine.distributed import DistEnv
 from engine.loss import lm_loss_sum
-from engine.memory.tracker import CUDA_BLOCK, MemoryTracker
-from engine.model import DTYPES, build_model, parameter_counts
+from engine.memory.tracker import CUDA_BLOCK, MemoryTracker, in_backward
+from engine.model import DTYPES, build_model, parameter_counts, unwrap
 
 GIB = 2**30
 # CUDA context + cuBLAS/cuDNN workspaces + allocator fragmentation, added to every GPU prediction.
@@ -158,8 +162,6 @@ def zero_states_of(cfg: RunConfig, counts: dict[str, int], largest: tuple[int, i
                    kernel: str) -> dict:
     """`zero_model_states` for `cfg` with the DeepSpeed settings its run would use (`make_ds_config`, incl. a user
     `train.deepspeed_config`). `largest`: (largest layer, largest parameter), in elements."""
-    from engine.backends.deepspeed_backend import load_user_ds_json, make_ds_config
-
     mem = cfg.memory
     ds = make_ds_config(cfg, zero_world, "cuda" if kernel == "cuda" else "cpu",
                         load_user_ds_json(cfg.train.deepspeed_config))["zero_optimization"]
@@ -193,18 +195,18 @@ class SimResult:
 
 
 
-def _fake_bnb_step(optimizer) -> None:
-    """Allocate bitsandbytes states exactly as its first step does; skip the quantized math."""
+def fake_step(optimizer) -> None:
+    """An optimizer step on fake tensors. bitsandbytes kernels cannot run on them: allocate its states exactly as
+    its first step does and skip the quantized math (which allocates nothing of size)."""
+    if not type(optimizer).__module__.startswith("bitsandbytes"):
+        optimizer.step()
+        return
     for gindex, group in enumerate(optimizer.param_groups):
         for pindex, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             if len(optimizer.state[p]) == 0:
                 optimizer.init_state(group, p, gindex, pindex)
-
-
-def _is_bnb(optimizer) -> bool:
-    return type(optimizer).__module__.startswith("bitsandbytes")
 
 
 def fake_model(cfg: RunConfig, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -244,16 +246,13 @@ def label_phases(model: torch.nn.Module, tracker: MemoryTracker, edge: int) -> l
     """Hooks that name the phase the tracker is in: forward per block, the head, backward per block (a block's
     backward ends when its input's gradient is computed), the optimizer step. Within one label, memory is linear
     in the model's depth, which is what `simulate_deep` extrapolates."""
-    from engine.loss import _lm_module
-    from engine.memory.tracker import _in_backward
-
-    lm = _lm_module(model)
+    lm = unwrap(model, through_peft=True)
     blocks, handles = list(lm.transformer.h), []
     n = len(blocks)
 
     def on_block(i: int):
         def hook(module, args):
-            if _in_backward():  # checkpoint recompute
+            if in_backward():  # checkpoint recompute
                 return
             tracker.phase = f"fwd:{_block_label(i, n, edge)}"
             h = args[0]
@@ -291,6 +290,18 @@ def _zero_adjust(breakdown: dict[str, int], zero: dict, grad_share: float) -> tu
     return sum(b.values()), b
 
 
+def with_concrete_precision(cfg: RunConfig, kernel: str) -> RunConfig:
+    """`memory.precision: auto` as a run on this machine resolves it: this CPU's answer for the CPU kernels, this
+    GPU's for the CUDA kernels (without a GPU here, a CUDA prediction must say bf16 or fp16)."""
+    if cfg.memory.precision != "auto":
+        return cfg
+    if kernel == "cuda" and not torch.cuda.is_available():
+        raise ValueError("memory.precision=auto: no GPU here to resolve it for; say which precision the GPU runs "
+                         "(memory.precision=bf16 or fp16)")
+    precision, _ = resolve_precision("auto", torch.device(kernel))
+    return cfg.updated({"memory.precision": precision})
+
+
 def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: int = 1, phases: bool = False) -> SimResult:
     """Peak memory of `steps` optimizer steps of `cfg` (one rank), simulated on fake tensors.
 
@@ -298,14 +309,12 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
     configurations run forward/backward on 16-bit module weights and take model states from
     `zero_model_states`.
     """
-    from engine.backends.torch_backend import TorchBackend
-    from engine.distributed import DistEnv
-
     if kernel not in ("cpu", "cuda"):
         raise ValueError(kernel)
+    cfg = with_concrete_precision(cfg, kernel)
     t0 = time.perf_counter()
     mem = cfg.memory
-    deepspeed = mem.zero_stage > 0 or cfg.train.backend == "deepspeed"
+    deepspeed = cfg.backend_for(zero_world) == "deepspeed"
     micro, seq = cfg.train.micro_batch_size, cfg.data.block_size
     notes, zero = [], None
     # One ZeRO rank: full parameters are replaced by partitions (rules, below); gradients as backward makes them:
@@ -330,16 +339,8 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
         else:
             # Optimizer constructors may compute real constants (bitsandbytes' quantization maps).
             with unset_fake_temporarily():
-                backend = TorchBackend(cfg, DistEnv(), model, total_steps=steps)
-            backend.skip_nonfinite = False
-            if mem.precision == "fp16":
-                # Loss-scale bookkeeping reads values on the host; it holds no memory worth counting.
-                backend.scaler = torch.amp.GradScaler("cpu", enabled=False)
-                backend.loss_scale = None
-            opts = list(backend.optimizer.optimizers.values()) if mem.optimizer_in_backward else [backend.optimizer]
-            for opt in opts:
-                if _is_bnb(opt):
-                    opt.step = (lambda o: (lambda *a, **k: _fake_bnb_step(o)))(opt)
+                backend = torch_backend(cfg, DistEnv(), model, total_steps=steps, values=False, optimizer_step=fake_step)
+            opts = backend.optimizers()
             model = backend.model
         tracker.track_model(model)
         if phases:
@@ -361,8 +362,8 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
                     for p in model.parameters():
                         if p.requires_grad:
                             p.register_post_accumulate_grad_hook(allocate_bucket)
-            # the bitsandbytes step is replaced by state allocation, which LambdaLR notices and warns about
-            warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
+            # the bitsandbytes step is replaced by state allocation, so LambdaLR sees no optimizer.step() and warns
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             for _ in range(steps):
                 if backend is not None:
                     backend.step_tensors([batch] * (1 if mem.optimizer_in_backward else cfg.train.grad_accum_steps))
@@ -390,8 +391,7 @@ def simulate_deep(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_worl
     """`simulate` for a deep model in a fraction of the time: two shallow models (L1 and L1 + k blocks, k the
     checkpointing period) are simulated with phase labels, each phase's peak and breakdown is extrapolated
     linearly to the real depth, and the largest phase is the peak. Exactness is tested against full simulations."""
-    from engine.config import GPT2_SIZES
-
+    cfg = with_concrete_precision(cfg, kernel)
     n = cfg.model.n_layer or GPT2_SIZES[cfg.model.size][0]
     k = cfg.memory.checkpoint_every_n_layers if cfg.memory.activation_checkpointing else 1
     # Every phase label present, and the same checkpointing pattern from the top block down as at depth n.

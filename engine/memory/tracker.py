@@ -23,7 +23,10 @@ from collections import Counter
 
 import torch
 from torch.distributed._tools.common_utils import get_untyped_storages
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -31,7 +34,8 @@ CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporarie
 CUDA_BLOCK = 512  # the caching allocator rounds every block up to 512 bytes
 
 
-def _in_backward() -> bool:
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (checkpoint recompute included)."""
     return torch._C._current_graph_task_id() != -1
 
 
@@ -107,7 +111,7 @@ class MemoryTracker(TorchDispatchMode):
             self.peak = total
             self.peak_breakdown = {c: self.current.get(c, 0) for c in CATEGORIES}
         if self.phase is not None:
-            key = self.bwd_phase if _in_backward() else ("step" if self._in_opt else self.phase)
+            key = self.bwd_phase if in_backward() else ("step" if self._in_opt else self.phase)
             if total > self.phase_peaks.get(key, (-1,))[0]:
                 self.phase_peaks[key] = (total, {c: self.current.get(c, 0) for c in CATEGORIES})
 
@@ -132,13 +136,26 @@ class MemoryTracker(TorchDispatchMode):
 
     def track_optimizer(self, optimizer) -> None:
         self._optimizers.append(optimizer)
-        self._tag_optimizer_state(optimizer)
+        self._tag_states(optimizer)
 
-    def _tag_optimizer_state(self, optimizer) -> None:
+    def _tag_states(self, optimizer) -> None:
         for state in optimizer.state.values():
             for v in state.values():
                 if isinstance(v, torch.Tensor):
                     self._retag(v, "optimizer")
+
+    def refresh_optimizers(self) -> None:
+        """File the states of every tracked optimizer as "optimizer": states created outside a hooked step (the
+        in-backward optimizers step from gradient hooks) are otherwise counted where they were allocated."""
+        for opt in self._optimizers:
+            self._tag_states(opt)
+
+    def track_backend(self, backend) -> None:
+        """The model, the optimizers and what they hold in attributes (ZeRO's fp32 partitions live there)."""
+        self.track_model(getattr(backend.model, "module", backend.model))
+        for opt in backend.optimizers():
+            self.track_optimizer(opt)
+            self.track_attributes(opt, "optimizer")
 
     def track_attributes(self, obj, category: str, depth: int = 2) -> None:
         """Register tensors held in `obj`'s attributes (lists/dicts too, `depth` levels): e.g. DeepSpeed's ZeRO
@@ -174,7 +191,7 @@ class MemoryTracker(TorchDispatchMode):
 
         def post(opt, args, kwargs):
             self._in_opt = False
-            self._tag_optimizer_state(opt)
+            self._tag_states(opt)
 
         self._handles += [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
         return super().__enter__()
@@ -187,7 +204,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        category = "temporaries" if (self._in_opt or _in_backward()) else "activations"
+        category = "temporaries" if (self._in_opt or in_backward()) else "activations"
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 for st in get_untyped_storages(t):

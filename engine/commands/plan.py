@@ -1,0 +1,98 @@
+"""`engine plan`: which configurations fit a GPU and the host, and which is fastest (engine/plan.py)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from tqdm import tqdm
+
+from engine.config import GPT2_SIZES
+from engine.errors import ConfigError
+from engine.memory.gpus import GPU, GPUS
+from engine.memory.simulate import GPU_OVERHEAD
+from engine.plan import (
+    GIB,
+    Request,
+    activation_choices,
+    choose,
+    format_table,
+    parse_size,
+    plan,
+    strategies,
+    verify,
+    write_config,
+)
+
+NAME = "plan"
+HELP = ('will it fit? predict GPU memory, host RAM and step time of every configuration, recommend the '
+        'fastest that fits and write it as a config')
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="gpt2-xl", choices=list(GPT2_SIZES), help="model size (default gpt2-xl)")
+    p.add_argument("--gpu", choices=list(GPUS), help="a known GPU: sets memory, bf16 support and peak FLOP/s")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="memory per GPU, e.g. 16GiB (overrides --gpu's)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="the GPU supports bf16 (default: from --gpu, else no)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) in the run (default 1)")
+    p.add_argument("--host-mem", metavar="SIZE", help="host RAM available to the run, e.g. 12GiB (default: not checked)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step over all GPUs (default: the micro-batch)")
+    p.add_argument("--lora", action="store_true", help="plan LoRA (r=16) instead of full fine-tuning")
+    p.add_argument("--write", metavar="FILE", help="where to write the recommended config (default plan-<model>.yaml)")
+    p.add_argument("--workers", type=int, help="simulation processes (default: CPU cores, at most 4)")
+
+
+def request_from_args(args) -> Request:
+    if not args.gpu and not args.gpu_mem:
+        raise ConfigError("say which GPU: --gpu NAME (" + ", ".join(GPUS) + ") or --gpu-mem SIZE, e.g. --gpu-mem 16GiB")
+    gpu = GPUS[args.gpu] if args.gpu else GPU(f"GPU with {args.gpu_mem}", 0, bf16=False, peak_tflops=65)
+    if args.gpu_mem:
+        gpu = replace(gpu, name=gpu.name if args.gpu else f"{args.gpu_mem} GPU",
+                      memory_mib=parse_size(args.gpu_mem) // 2**20)
+    if args.bf16 is not None:
+        gpu = replace(gpu, bf16=args.bf16)
+    if args.gpus < 1:
+        raise ConfigError("--gpus must be at least 1")
+    if args.seq_len < 2 or args.seq_len > 1024:
+        raise ConfigError(f"--seq-len {args.seq_len}: GPT-2 takes 2 to 1024 tokens")
+    if args.global_batch is not None and args.global_batch < args.gpus:
+        raise ConfigError(f"--global-batch {args.global_batch} is smaller than --gpus {args.gpus}")
+    return Request(model=args.model, gpu=gpu, gpus=args.gpus,
+                   host_bytes=parse_size(args.host_mem) if args.host_mem else None, seq_len=args.seq_len,
+                   global_batch=args.global_batch, lora=args.lora)
+
+
+def run(args) -> int:
+    req = request_from_args(args)
+    n = sum(len(activation_choices(s)) for s in strategies(req))
+    print(f"Planning {req.model} {'LoRA' if req.lora else 'full fine-tune'} on {req.gpus} x {req.gpu.name} "
+          f"({req.gpu.memory_mib:,} MiB, {'bf16' if req.gpu.bf16 else 'fp16'})"
+          + (f", {req.host_bytes / GIB:.1f} GiB host RAM" if req.host_bytes else "")
+          + f", sequence {req.seq_len}" + (f", global batch {req.global_batch}" if req.global_batch else "")
+          + f": simulating {n} configurations")
+    bar = tqdm(total=n, unit="config", leave=False)
+    rows, chosen = plan(req, progress=lambda *_: bar.update(1), workers=args.workers)
+    bar.close()
+    if chosen:
+        verify(req, chosen)
+        if not chosen.fits:  # the direct simulation disagreed: take the next one
+            rows2 = [r for r in rows if r.fits and r is not chosen]
+            chosen = choose(rows2)
+            if chosen:
+                verify(req, chosen)
+    print(format_table(rows, chosen))
+    print(f"\nGPU GiB: simulated peak per GPU + {GPU_OVERHEAD['context_bytes'] // 2**20} MiB + "
+          f"{GPU_OVERHEAD['fragmentation']:.0%} margin. host GiB and time: modelled (see engine/plan.py). "
+          "time: per token, relative to the fastest configuration without recompute or offload.")
+    if chosen is None:
+        print("\nNothing fits. Try --lora, more GPUs (--gpus), a shorter --seq-len"
+              + (", more host RAM" if req.host_bytes else "") + (" or a smaller --global-batch." if req.global_batch else "."))
+        return 1
+    path = args.write or f"plan-{req.model}{'-lora' if req.lora else ''}.yaml"
+    write_config(req, chosen, path)
+    print(f"\nRecommended: {chosen.name}, micro-batch {chosen.micro} x {chosen.accum} accumulation: "
+          f"{chosen.gpu_bytes / GIB:.2f} GiB per GPU (simulated), x{chosen.relative_time:.2f} step time.")
+    print(f"Wrote {path}: engine train --config {path} data.train_file=YOUR.txt")
+    return 0

@@ -1,0 +1,68 @@
+"""Which device a run uses and what it can do: CUDA or CPU, native bf16, the precision `auto` stands for.
+
+Capabilities are probed at run time, never assumed: CPU models differ between machines (some have AMX or
+avx512-bf16 and multiply bf16 matrices several times faster than fp32, most do not), and GPUs differ too
+(a T4 or V100 has no bf16, Ampere and newer have).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.errors import ConfigError
+
+# CPU features with which bf16 matmuls run natively (oneDNN's AMX tiles or AVX512-BF16 dot products).
+CPU_BF16_FEATURES = ("amx_bf16", "avx512_bf16")
+
+
+def pick_device(pref: str) -> torch.device:
+    """`train.device` / `--device`: auto (CUDA when this torch build sees a GPU), cpu or cuda."""
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but this torch build sees no CUDA GPU: use train.device=auto or cpu")
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return torch.device("cpu")
+
+
+def cpu_features() -> set[str]:
+    """This CPU's instruction-set features, lower case: torch's own probe (cpuinfo), else /proc/cpuinfo's flags."""
+    probe = getattr(torch.cpu, "get_capabilities", None)
+    if probe is not None:
+        try:
+            return {k for k, v in probe().items() if v is True}
+        except Exception:  # an unusual CPU: fall back to the kernel's list
+            pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16(features: set[str] | None = None) -> bool:
+    return bool(set(CPU_BF16_FEATURES) & (cpu_features() if features is None else features))
+
+
+def resolve_precision(precision: str, device: torch.device, cuda_bf16: bool | None = None,
+                      cpu_features_: set[str] | None = None) -> tuple[str, str]:
+    """(the precision to train in, why): `auto` becomes bf16 on GPUs with bf16 (Ampere and newer), fp16 on GPUs
+    without it (T4, V100), bf16 on CPUs with native bf16 matmul (AMX or avx512-bf16), fp32 on other CPUs. An
+    explicit precision is kept. The probes can be passed in (tests)."""
+    if precision != "auto":
+        return precision, "set in the config"
+    if device.type == "cuda":
+        if cuda_bf16 is None:
+            cuda_bf16 = torch.cuda.is_bf16_supported()
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "this GPU"
+        if cuda_bf16:
+            return "bf16", f"{name} supports bf16"
+        return "fp16", f"{name} has no bf16: fp16 with dynamic loss scaling"
+    features = cpu_features() if cpu_features_ is None else cpu_features_
+    found = [f for f in CPU_BF16_FEATURES if f in features]
+    if found:
+        return "bf16", f"this CPU multiplies bf16 natively ({'/'.join(found)})"
+    return "fp32", "this CPU has no native bf16 matmul (no AMX or avx512-bf16): bf16 would be emulated and slower"
