@@ -88,8 +88,9 @@ def run_inprocess(corpus, out: Path, **extra):
     return summary, train_losses(out)
 
 
-def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, launcher: list[str] | None = None):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, launcher: list[str] | None = None,
+            env_extra: dict | None = None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     cmd = (launcher or [sys.executable, "-m", "engine.cli"]) + args
     return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

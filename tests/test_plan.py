@@ -137,7 +137,8 @@ def test_preflight_on_cuda_compares_with_free_memory(monkeypatch):
     from engine.preflight import preflight
 
     cfg = load_config(None, ["model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=2",
-                             "model.n_positions=64", "data.block_size=64", "train.micro_batch_size=2"])
+                             "model.n_positions=64", "data.block_size=64", "train.micro_batch_size=2",
+                             "memory.precision=fp32"])
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (8 * GIB, 16 * GIB))
     pred = preflight(cfg, DistEnv(), "cuda")
     assert pred["kernel"] == "cuda" and 512 * 2**20 < pred["device_bytes"] < GIB  # includes the GPU margin

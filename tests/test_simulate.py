@@ -89,7 +89,8 @@ def test_simulated_peak_matches_measured_run(overrides):
     from engine.memory.measure import measure
 
     cfg = load_config(None, ["model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=2",
-                             "model.n_positions=64", "data.block_size=64", "train.micro_batch_size=2", *overrides])
+                             "model.n_positions=64", "data.block_size=64", "train.micro_batch_size=2", "memory.precision=fp32",
+                             *overrides])
     sim = simulate(cfg, kernel="cpu", steps=2)
     real = measure(cfg, steps=2, warmup=0)
     assert sim.peak_bytes == pytest.approx(real.peak_bytes, rel=0.01)
@@ -100,7 +101,7 @@ def test_simulated_peak_matches_measured_run(overrides):
 def test_gpu_kernel_drops_the_attention_matrix():
     """With dropout, the CPU math kernel keeps [heads x seq x seq] per layer; the flash stand-in keeps O(seq)."""
     base = ["model.init=random", "model.name=gpt2", "model.n_layer=2", "data.block_size=512",
-            "train.micro_batch_size=1", "memory.lora.enabled=true"]
+            "train.micro_batch_size=1", "memory.lora.enabled=true", "memory.precision=fp32"]
     cpu = simulate(load_config(None, base), kernel="cpu", steps=1)
     gpu = simulate(load_config(None, base), kernel="cuda", steps=1)
     attn_matrix = 2 * 12 * 512 * 512 * 4  # 2 layers, 12 heads, fp32 probabilities (dropout keeps them too)
@@ -125,7 +126,7 @@ def test_gpu_activations_per_layer_match_the_analytic_count(dropout, expected_sb
 
 
 DEEP = ["model.init=random", "model.name=gpt2", "model.n_layer=26", "model.n_embd=64", "model.n_head=2",
-        "model.n_positions=128", "data.block_size=128", "train.micro_batch_size=2"]
+        "model.n_positions=128", "data.block_size=128", "train.micro_batch_size=2", "memory.precision=fp32"]
 
 
 @pytest.mark.parametrize("overrides,world,kernel", [
