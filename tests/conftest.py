@@ -95,6 +95,12 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, launch
     return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_inprocess_cli(args: list) -> subprocess.CompletedProcess:
+    """`run_cli` without a new interpreter (error paths and dry runs): the same fields, from `run_main`."""
+    rc, out, err = run_main(args)
+    return subprocess.CompletedProcess(args, rc, out, err)
+
+
 def run_main(args: list) -> tuple[int, str, str]:
     """`engine ARGS` in this process (no interpreter start-up): exit code, stdout, stderr."""
     import contextlib

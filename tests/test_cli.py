@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, run_main
+from conftest import run_cli, run_inprocess_cli, run_main
 from engine.commands import COMMANDS
 
 HELP = {c.NAME: c.HELP for c in COMMANDS}
@@ -36,14 +36,14 @@ def test_default_preset_end_to_end(tmp_path):
 
 
 def test_dry_run_prints_plan_without_a_model(tmp_path):
-    r = run_cli(["train", "--dry-run", "memory.zero_stage=2", f"logging.output_dir={tmp_path / 'x'}"])
+    r = run_inprocess_cli(["train", "--dry-run", "memory.zero_stage=2", f"logging.output_dir={tmp_path / 'x'}"])
     assert r.returncode == 0, r.stderr
     assert '"train_batch_size": 8' in r.stdout and '"backend": "deepspeed"' in r.stdout
     assert not (tmp_path / "x").exists()
 
 
 def test_help_config_lists_keys():
-    r = run_cli(["train", "--help-config"])
+    r = run_inprocess_cli(["train", "--help-config"])
     assert r.returncode == 0 and "memory.activation_checkpointing" in r.stdout
 
 
@@ -57,7 +57,7 @@ def test_help_config_lists_keys():
       "model.n_head=null", "model.n_positions=null"], "could not load model from /nonexistent/model"),
 ])
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, needle):
-    r = run_cli(args + [f"logging.output_dir={tmp_path / 'o'}"] if args[-1] != "no_such_preset" else args)
+    r = run_inprocess_cli(args + [f"logging.output_dir={tmp_path / 'o'}"] if args[-1] != "no_such_preset" else args)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip()]
@@ -69,6 +69,6 @@ def test_existing_run_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "run.json").write_text("{}")
-    r = run_cli(["train", f"logging.output_dir={out}"])
+    r = run_inprocess_cli(["train", f"logging.output_dir={out}"])
     assert r.returncode == 2 and "already holds a run" in r.stderr
     assert (out / "run.json").read_text() == "{}"

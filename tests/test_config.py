@@ -1,11 +1,9 @@
-import json
-from pathlib import Path
 
 import pytest
 
 from engine.backends.deepspeed_backend import make_ds_config
 from engine.config import preset_dir
-from engine.config import describe_schema, load_config, parse_override, validate_dict
+from engine.config import describe_schema, load_config, parse_override
 from engine.errors import ConfigError
 
 PRESETS = sorted(preset_dir().glob("*.yaml"))

@@ -76,7 +76,7 @@ def test_parse_size(text, expected):
 
 def test_written_config_round_trips_through_train_dry_run(tmp_path):
     """The recommended configuration, written as YAML, is accepted by `engine train` unchanged."""
-    from conftest import run_cli
+    from conftest import run_inprocess_cli
 
     req = budget(15_360, 12)
     s = next(s for s in strategies(req) if s.name == "AdamW8bit, in-backward")
@@ -84,7 +84,7 @@ def test_written_config_round_trips_through_train_dry_run(tmp_path):
               True, "")
     path = tmp_path / "plan.yaml"
     write_config(req, row, path)
-    r = run_cli(["train", "--config", str(path), "--dry-run", "--no-preflight", f"logging.output_dir={tmp_path / 'run'}",
+    r = run_inprocess_cli(["train", "--config", str(path), "--dry-run", "--no-preflight", f"logging.output_dir={tmp_path / 'run'}",
                  "model.init=random"])
     assert r.returncode == 0, r.stderr
     for expected in ("optimizer_in_backward: true", "checkpoint_every_n_layers: 2", "loss_chunk_size: 1024",
@@ -93,11 +93,11 @@ def test_written_config_round_trips_through_train_dry_run(tmp_path):
 
 
 def test_plan_cli_errors_are_one_line():
-    from conftest import run_cli
+    from conftest import run_inprocess_cli
 
-    r = run_cli(["plan", "--model", "gpt2-xl"])
+    r = run_inprocess_cli(["plan", "--model", "gpt2-xl"])
     assert r.returncode == 2 and r.stderr.strip().startswith("error: say which GPU") and "Traceback" not in r.stderr
-    r = run_cli(["plan", "--gpu-mem", "lots"])
+    r = run_inprocess_cli(["plan", "--gpu-mem", "lots"])
     assert r.returncode == 2 and "cannot read the size 'lots'" in r.stderr
 
 
@@ -117,12 +117,12 @@ def test_plan_cli_writes_a_config_for_a_tiny_budget(tmp_path):
 
 
 def test_preflight_stops_a_run_that_cannot_fit_this_machine(tmp_path):
-    from conftest import run_cli
+    from conftest import run_inprocess_cli
 
     out = tmp_path / "run"
     xl = ["model.n_layer=48", "model.n_embd=1600", "model.n_head=25", "model.n_positions=1024"]  # over cpu_default's
-    r = run_cli(["train", "model.name=gpt2-xl", "model.init=random", *xl, "data.block_size=1024",
-                 "train.micro_batch_size=64", f"logging.output_dir={out}"], timeout=600)
+    r = run_inprocess_cli(["train", "model.name=gpt2-xl", "model.init=random", *xl, "data.block_size=1024",
+                 "train.micro_batch_size=64", f"logging.output_dir={out}"])
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().startswith("error: pre-flight: this configuration needs") and "engine plan" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()

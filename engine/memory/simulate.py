@@ -302,6 +302,27 @@ def with_concrete_precision(cfg: RunConfig, kernel: str) -> RunConfig:
     return cfg.updated({"memory.precision": precision})
 
 
+def reduce_bucket(model: torch.nn.Module, tracker: MemoryTracker, zero: dict, stage: int) -> list[torch.Tensor]:
+    """DeepSpeed's gradient reduction bucket(s), filed as "other": ZeRO-3 allocates them at start-up, ZeRO-1/2 when the
+    first parameter's gradient is ready (`process_gradients` -> `setup_buckets`). The list holds the bucket."""
+    bucket: list[torch.Tensor] = []
+    if not zero["buffers"]:
+        return bucket
+
+    def allocate(*_):
+        if not bucket:
+            bucket.append(torch.empty(zero["buffers"], dtype=torch.uint8))
+            tracker.tag(bucket[0], "other")
+
+    if stage == 3:
+        allocate()
+    else:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(allocate)
+    return bucket
+
+
 def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: int = 1, phases: bool = False) -> SimResult:
     """Peak memory of `steps` optimizer steps of `cfg` (one rank), simulated on fake tensors.
 
@@ -346,22 +367,8 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
         if phases:
             k = mem.checkpoint_every_n_layers if mem.activation_checkpointing else 1
             label_phases(model, tracker, edge=k + 1)
-        bucket: list[torch.Tensor] = []
         with tracker, warnings.catch_warnings():
-            if zero and zero["buffers"]:
-                # DeepSpeed's gradient reduction bucket(s): ZeRO-3 allocates them at start-up, ZeRO-1/2 when the
-                # first parameter's gradient is ready (`process_gradients` -> `setup_buckets`).
-                def allocate_bucket(*_):
-                    if not bucket:
-                        bucket.append(torch.empty(zero["buffers"], dtype=torch.uint8))
-                        tracker.tag(bucket[0], "other")
-
-                if mem.zero_stage == 3:
-                    allocate_bucket()
-                else:
-                    for p in model.parameters():
-                        if p.requires_grad:
-                            p.register_post_accumulate_grad_hook(allocate_bucket)
+            bucket = reduce_bucket(model, tracker, zero, mem.zero_stage) if zero else []
             # the bitsandbytes step is replaced by state allocation, so LambdaLR sees no optimizer.step() and warns
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             for _ in range(steps):
@@ -370,6 +377,7 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
                     for opt in opts:
                         tracker.track_optimizer(opt)
                 else:
+                    # DeepSpeed: forward/backward on the 16-bit module weights; model states come from the rules.
                     for _ in range(cfg.train.grad_accum_steps):
                         loss_sum, n = lm_loss_sum(model, batch, mem.loss_chunk_size)
                         (loss_sum / n).backward()
@@ -380,10 +388,9 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
     if zero is not None:
         peak, breakdown = _zero_adjust(tracker.peak_breakdown, zero, grad_share)
         phase_peaks = {k: _zero_adjust(b, zero, grad_share) for k, (_, b) in tracker.phase_peaks.items()}
+        notes.append("ZeRO model states from partitioning rules; activations simulated on one device")
     else:
         peak, breakdown, phase_peaks = tracker.peak, dict(tracker.peak_breakdown), dict(tracker.phase_peaks)
-    if zero is not None:
-        notes.append("ZeRO model states from partitioning rules; activations simulated on one device")
     return SimResult(peak, breakdown, kernel, counts, time.perf_counter() - t0, zero, notes, phase_peaks, largest)
 
 
