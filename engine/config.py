@@ -176,7 +176,6 @@ class TrainConfig(Section):
         "fp16 overflow skip; 0 never stops. An fp16 loss scale at its minimum (1) stops the run too."
     )
 
-
     def accum_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank: grad_accum_steps, or derived from global_batch_size
         (global = micro x accum x world size)."""

@@ -169,6 +169,15 @@ def apply_lora(model: nn.Module, cfg: RunConfig, extra_trainable: list[str] | No
     return get_peft_model(model, peft_cfg)
 
 
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_ids_of(model: nn.Module) -> dict[str, int | None]:
+    """The bos/eos/pad token ids a built model carries in its config (what `build_model` was given)."""
+    config = unwrap(model, through_peft=True).config
+    return {k: getattr(config, k, None) for k in SPECIAL_IDS}
+
+
 def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int | None] | None = None) -> nn.Module:
     """The trainable model with every model-side memory feature of `cfg.memory` applied (fp32 weights).
 

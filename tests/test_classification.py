@@ -46,7 +46,8 @@ def overrides(data, out, **extra) -> dict:
                   "dropout": 0.0},
         "data": {"train_file": str(data["train"]), "validation_file": str(data["validation"]), "block_size": 32},
         "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 2},
-        "train": {"micro_batch_size": 16, "max_steps": 20, "seed": 7},
+        "memory": {"precision": "fp32"},  # pinned: the default (auto) depends on the CPU
+        "train": {"micro_batch_size": 16, "max_steps": 20, "seed": 7, "preflight": False},
         "eval": {"every_n_steps": 10},
         "logging": {"output_dir": str(out), "progress": False, "log_every": 1000},
         "checkpoint": {"every_n_steps": 0},
@@ -165,6 +166,18 @@ def test_zero3_classification_through_deepspeed(data, tmp_path):
     rc, o, err = run_main(["eval", out / "model", "--file", data["validation"], "--output", "jsonl"])
     r = json.loads(o)
     assert rc == 0 and r["accuracy"] == s["val_accuracy"] and r["loss"] == pytest.approx(s["val_loss"], abs=1e-5)
+
+
+def test_a_16bit_deepspeed_classifier_export_keeps_its_pad_token(data, tmp_path):
+    """A 16-bit DeepSpeed run exports the fp32 masters rebuilt from its checkpoint: the rebuilt model must carry the
+    run's special token ids, or the classifier cannot find each text's last token (pad_token_id) when used."""
+    out = tmp_path / "bf16"
+    train(data, out, memory={"zero_stage": 1, "precision": "bf16"}, train={"max_steps": 4})
+    exported = json.loads((out / "model" / "config.json").read_text())
+    assert exported["pad_token_id"] == exported["eos_token_id"] == 50256
+    rc, o, err = run_main(["eval", out / "model", "--file", data["validation"], "--output", "jsonl"])
+    assert rc == 0, err
+    assert json.loads(o)["examples"] == 90
 
 
 # ----------------------------------------------------------------------------- data, labels, metrics, config

@@ -20,7 +20,7 @@ from engine.config import RunConfig, deep_merge
 from engine.distributed import DistEnv
 from engine.errors import ConfigError
 from engine.loss import batch_loss_sum
-from engine.model import build_model, unwrap
+from engine.model import build_model, special_ids_of, unwrap
 from engine.optim import build_optimizer, build_scheduler
 
 
@@ -192,15 +192,14 @@ class DeepSpeedBackend(Backend):
             yield module
 
     def _fp32_model_from_checkpoint(self, ckpt_dir: Path) -> torch.nn.Module:
-        from deepspeed.utils.zero_to_fp32 import (
-            get_fp32_state_dict_from_zero_checkpoint,
-        )
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="deepspeed")
         vocab = unwrap(self.engine.module).get_input_embeddings().weight.shape[0]
         if self.cfg.memory.zero_stage == 3:
             vocab = getattr(unwrap(self.engine.module).get_input_embeddings().weight, "ds_shape", [vocab])[0]
-        model = build_model(self.cfg, vocab_size=vocab)
+        # The training model's special token ids (a classifier finds its last token through pad_token_id).
+        model = build_model(self.cfg, vocab_size=vocab, special_ids=special_ids_of(self.engine.module))
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight", "base_model.model.lm_head.weight"}
         if unexpected or set(missing) - tied:

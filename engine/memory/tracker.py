@@ -30,6 +30,8 @@ from torch.optim.optimizer import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from engine.model import unwrap
+
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries", "other")
 CUDA_BLOCK = 512  # the caching allocator rounds every block up to 512 bytes
 
@@ -152,7 +154,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def track_backend(self, backend) -> None:
         """The model, the optimizers and what they hold in attributes (ZeRO's fp32 partitions live there)."""
-        self.track_model(getattr(backend.model, "module", backend.model))
+        self.track_model(unwrap(backend.model))  # the module under a DeepSpeed engine
         for opt in backend.optimizers():
             self.track_optimizer(opt)
             self.track_attributes(opt, "optimizer")
