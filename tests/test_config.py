@@ -137,15 +137,6 @@ def test_torch_backend_under_a_launcher_is_rejected():
     assert load_config(None, []).backend_for(1) == "torch"
 
 
-def test_fp16_deepspeed_on_cpu_is_rejected(tmp_path):
-    from engine.backends.deepspeed_backend import DeepSpeedBackend
-    from engine.distributed import DistEnv
-
-    cfg = load_config(None, ["memory.zero_stage=1", "memory.precision=fp16"])
-    with pytest.raises(ConfigError, match="fp16 is not supported by DeepSpeed on cpu: use bf16 or fp32"):
-        DeepSpeedBackend(cfg, DistEnv(), model=None, total_steps=1)
-
-
 def test_launcher_env_is_read_from_deepspeed_torchrun_or_slurm():
     from engine.distributed import dist_env, export_slurm_env
 

@@ -326,7 +326,7 @@ def reduce_bucket(model: torch.nn.Module, tracker: MemoryTracker, zero: dict, st
 def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: int = 1, phases: bool = False) -> SimResult:
     """Peak memory of `steps` optimizer steps of `cfg` (one rank), simulated on fake tensors.
 
-    Torch-backend configurations run `TorchBackend.step_tensors`, the training step itself. DeepSpeed
+    Torch-backend configurations run the backend's `step_tensors`, the training step itself. DeepSpeed
     configurations run forward/backward on 16-bit module weights and take model states from
     `zero_model_states`.
     """
