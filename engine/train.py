@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from engine.backends import make_backend
 from engine.backends.base import Backend, StepStats
 from engine.backends.deepspeed_backend import (
-    DeepSpeedBackend,
     load_user_ds_json,
     make_ds_config,
 )
-from engine.backends.torch_backend import torch_backend
 from engine.checkpoint import (
     checkpoint_name,
     checkpoints_dir,
@@ -60,12 +59,6 @@ from engine.run_dir import (
     truncate_metrics,
 )
 from engine.tokenizer import load_tokenizer
-
-
-def make_backend(cfg: RunConfig, env: DistEnv, model, total_steps: int) -> Backend:
-    if cfg.backend_for(env.world_size) == "deepspeed":
-        return DeepSpeedBackend(cfg, env, model, total_steps)
-    return torch_backend(cfg, env, model, total_steps)
 
 
 def say(env: DistEnv, *msg) -> None:

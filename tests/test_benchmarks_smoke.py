@@ -48,3 +48,34 @@ def test_benchmark_runner_smoke(tmp_path):
     for m, s in pairs:
         assert float(simulated[s]["peak_mib"]) == pytest.approx(float(measured[m]["peak_mib"]), rel=0.05), (m, s)
     assert (tmp_path / "simulated" / "memory.png").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """The GPU truth kit's whole flow on the CPU (tiny model, no CUDA calls), so it cannot rot before a GPU comes:
+    recipes measured in their own processes beside the simulator's prediction, the planner's verdicts for an emulated
+    budget, the CUDA-only test subset collected, results written."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "gpu_check"
+    r = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry", "--out", str(out), "--recipes", "t4 preset",
+                        "zero2 1 rank", "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    recipes = [x for x in rows if x["section"] == "recipe"]
+    assert [x["config"] for x in recipes] == ["t4 preset", "zero2 1 rank"] and all(x["status"] == "ran" for x in recipes)
+    for x in recipes:  # CPU kernels: the simulation matches the tracked peak
+        assert abs(float(x["error_raw"])) < 0.05, x
+        assert float(x["tokens_per_s"]) > 0
+    budget = [x for x in rows if x["section"] == "budget"]
+    assert budget[0]["config"].startswith("dry 900 MiB recommended") and budget[0]["status"] == "ran"
+    assert "as predicted" in budget[0]["note"]
+    assert budget[1]["config"].startswith("dry 900 MiB not_fitting") and float(budget[1]["predicted_margin_mib"]) > 900
+    env = json.loads((out / "env.json").read_text())
+    assert env["torch"] and env["deepspeed"] and env["tests"]["status"] == "passed"  # test_gpu.py collected
+    assert "| recipe | gpt2 | t4 preset |" in (out / "results.md").read_text()

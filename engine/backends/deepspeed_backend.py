@@ -192,7 +192,9 @@ class DeepSpeedBackend(Backend):
             yield module
 
     def _fp32_model_from_checkpoint(self, ckpt_dir: Path) -> torch.nn.Module:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="deepspeed")
         vocab = unwrap(self.engine.module).get_input_embeddings().weight.shape[0]

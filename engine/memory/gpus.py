@@ -30,6 +30,7 @@ GPUS: dict[str, GPU] = {
     "a100-40g": GPU("NVIDIA A100 40GB", 40_960, bf16=True, peak_tflops=312),
     "a100-80g": GPU("NVIDIA A100 80GB", 81_920, bf16=True, peak_tflops=312),
     "h100": GPU("NVIDIA H100 80GB (SXM)", 81_559, bf16=True, peak_tflops=989),
+    "h200": GPU("NVIDIA H200 (141 GB)", 143_771, bf16=True, peak_tflops=989),
 }
 
 # Memory classes for "which cards does this fit": the smallest common card of each class.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.backends.torch_backend import torch_backend
+from engine.backends import make_backend
 from engine.config import GPT2_SIZES, RunConfig
 from engine.devices import pick_device, resolve_precision
 from engine.distributed import DistEnv
@@ -54,7 +54,7 @@ def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype =
 
 @dataclass
 class Measurement:
-    peak_bytes: int
+    peak_bytes: int  # tracked tensor peak (0 when not tracked)
     breakdown: dict
     peak_rss_bytes: int
     step_seconds: float  # median after warm-up
@@ -63,8 +63,10 @@ class Measurement:
     mfu: float
     matmul_peak_flops: float
     params: dict
-    cuda_allocated: int | None = None
-    cuda_reserved: int | None = None
+    cuda_allocated: int | None = None  # torch.cuda.max_memory_allocated over model build + steps
+    cuda_reserved: int | None = None  # torch.cuda.max_memory_reserved: what the caching allocator took
+    cuda_device_used: int | None = None  # total - free (torch.cuda.mem_get_info) after the steps: nvidia-smi's view
+    precision: str = ""
 
 
 def model_shape(cfg: RunConfig) -> tuple[int, int]:
@@ -72,33 +74,42 @@ def model_shape(cfg: RunConfig) -> tuple[int, int]:
     return cfg.model.n_layer or base[0], cfg.model.n_embd or base[1]
 
 
+def build_for(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The model as `engine train` gets it: on the host (the DeepSpeed engine moves and converts it). On CUDA the
+    single-device backend only moves the fp32 model to the GPU, so it is built there directly (same memory, no slow
+    host-side random init of a 1.5B model)."""
+    if device.type == "cuda" and cfg.backend_for(1) == "torch":
+        with torch.device(device):
+            return build_model(cfg, 50257)
+    return build_model(cfg, 50257)
+
+
 def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True) -> Measurement:
-    """Run `steps` real optimizer steps of `cfg` on one device and measure them (`memory.precision: auto` is resolved
-    for the device, as `engine train` does)."""
-    precision, _ = resolve_precision(cfg.memory.precision, pick_device(cfg.train.device))
+    """Run `steps` real optimizer steps of `cfg` on one device (either backend, one process) and measure them
+    (`memory.precision: auto` is resolved for the device, as `engine train` does)."""
+    device = pick_device(cfg.train.device)
+    precision, _ = resolve_precision(cfg.memory.precision, device)
     cfg = cfg.updated({"memory.precision": precision})
+    cuda = device.type == "cuda"
     torch.manual_seed(cfg.train.seed)
     micro, seq, accum = cfg.train.micro_batch_size, cfg.data.block_size, cfg.train.grad_accum_steps
-    model = build_model(cfg, 50257)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build_for(cfg, device)
     counts = parameter_counts(model)
-    backend = torch_backend(cfg, DistEnv(), model, total_steps=steps + warmup)
+    backend = make_backend(cfg, DistEnv(), model, total_steps=steps + warmup)
     tracker = MemoryTracker()
     if track:
-        tracker.track_model(backend.model)
-        for o in backend.optimizers():
-            tracker.track_optimizer(o)
-    if backend.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        tracker.track_backend(backend)
     gen = torch.Generator().manual_seed(0)
     times = []
-    ctx = tracker if track else contextlib.nullcontext()
-    with ctx:
+    with tracker if track else contextlib.nullcontext():
         for i in range(warmup + steps):
             x = torch.randint(0, 50257, (micro, seq), generator=gen)
             batches = [{"input_ids": x, "labels": x, "n_tokens": micro * (seq - 1)} for _ in range(accum)]
             t = time.perf_counter()
-            backend.train_step(batches)
-            if backend.device.type == "cuda":
+            backend.train_step(batches)  # reads the loss: a host sync, so the time is the step's
+            if cuda:
                 torch.cuda.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - t)
@@ -111,7 +122,12 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
     recompute = (1.0 / mem.checkpoint_every_n_layers) if mem.activation_checkpointing else 0.0
     fpt = flops_per_token(counts["total"], n_layer, n_embd, seq, recompute, lora=mem.lora.enabled)
     tps = micro * seq * accum / step_s
-    peak_flops = measure_matmul_peak(backend.device, backend.dtype if backend.device.type == "cuda" else torch.float32)
+    cuda_stats = {}
+    if cuda:
+        free, total = torch.cuda.mem_get_info(device)
+        cuda_stats = dict(cuda_allocated=torch.cuda.max_memory_allocated(device),
+                          cuda_reserved=torch.cuda.max_memory_reserved(device), cuda_device_used=total - free)
+    peak_flops = measure_matmul_peak(device, backend.dtype if cuda else torch.float32, n=8192 if cuda else 2048)
     return Measurement(
         peak_bytes=tracker.peak,
         breakdown=dict(tracker.peak_breakdown),
@@ -122,6 +138,6 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
         mfu=tps * fpt / peak_flops,
         matmul_peak_flops=peak_flops,
         params=counts,
-        cuda_allocated=torch.cuda.max_memory_allocated() if backend.device.type == "cuda" else None,
-        cuda_reserved=torch.cuda.max_memory_reserved() if backend.device.type == "cuda" else None,
+        precision=precision,
+        **cuda_stats,
     )
