@@ -92,7 +92,9 @@ def run_child(spec: dict) -> dict:
         spec["model"], spec["recipe"], spec.get("dry", False))
     try:
         m = measure(cfg, steps=spec.get("steps", 2), warmup=1, track=not cuda)
-    except torch.cuda.OutOfMemoryError as e:
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or a library's own "CUDA out of memory" error
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e).lower():
+            raise
         return {"oom": True, "error": str(e).splitlines()[0][:300], "context": context}
     return {"oom": False, "precision": m.precision, "allocated": m.cuda_allocated if cuda else m.peak_bytes,
             "reserved": m.cuda_reserved, "device_used": m.cuda_device_used, "context": context,

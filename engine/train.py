@@ -156,7 +156,8 @@ class RunLog:
             self.pbar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{stats.lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
             self.pbar.update(1)
         elif self.env.is_main and (step % self.cfg.logging.log_every == 0 or step == self.total_steps):
-            print(f"step {step}/{self.total_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} tok/s {tps:,.0f}", flush=True)
+            print(f"step {step}/{self.total_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} tok/s {tps:,.0f}",
+                  flush=True)
 
     def tracked(self) -> dict | None:
         if self.tracker is None:
@@ -196,16 +197,17 @@ class TrainingRecipe:
                                    cfg.train.seed, self.tok.pad_token_id)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
         g = self.sampler.global_batch
-        self.plan = {"backend": cfg.backend_for(env.world_size), "world_size": env.world_size, "grad_accum_steps": accum,
-                     "global_batch": g, "train_examples": len(self.splits["train"]),
+        self.plan = {"backend": cfg.backend_for(env.world_size), "world_size": env.world_size,
+                     "grad_accum_steps": accum, "global_batch": g, "train_examples": len(self.splits["train"]),
                      "steps_per_epoch": self.sampler.steps_per_epoch, "total_steps": self.total_steps,
                      "tokens_per_step": g * cfg.data.block_size, "precision": cfg.memory.precision}
         self.layout = run_layout(cfg, env.world_size, g, self.tok)
         if self.resume_from is not None:
             check_layout(self.resume_from, self.layout, cfg.checkpoint.allow_layout_change, lambda m: say(env, m))
         elif cfg.checkpoint.resume:
+            replacing = (self.out / RUN_MARKER).exists()
             say(env, f"no complete checkpoint in {self.out}: starting from scratch"
-                     + (" (replacing the metrics of the run that left none)" if (self.out / RUN_MARKER).exists() else ""))
+                     + (" (replacing the metrics of the run that left none)" if replacing else ""))
         val = self.splits.get("validation")
         self.val_batches = (eval_batches(val, cfg.train.micro_batch_size, self.tok.pad_token_id, cfg.eval.max_batches)
                             if val else [])
@@ -349,8 +351,8 @@ class TrainingRecipe:
         st = self.state
         if st.last_checkpoint is not None and st.last_checkpoint.name == checkpoint_name(st.step):
             return st.last_checkpoint  # already saved at this step
-        trainer_state = {**st.state_dict(self.sampler.steps_per_epoch, self.cfg.train.seed), "guard": self.guard.state_dict(),
-                         "layout": self.layout, "early_stopping": self.stopper.state_dict()}
+        trainer_state = {**st.state_dict(self.sampler.steps_per_epoch, self.cfg.train.seed),
+                         "guard": self.guard.state_dict(), "layout": self.layout, "early_stopping": self.stopper.state_dict()}
         keep = kept_checkpoints(self.stopper.best_checkpoint_name() if self.cfg.checkpoint.keep_best else None,
                                 bool(self.guard.run), st.last_good)
         path = save_checkpoint(self.backend, st.step, trainer_state, self.out, self.cfg.checkpoint.keep_last, keep=keep,
@@ -435,7 +437,8 @@ def dry_run(cfg: RunConfig) -> dict:
     recipe.check_memory()
     plan = recipe.plan
     if plan["backend"] == "deepspeed":
-        plan["deepspeed_config"] = make_ds_config(recipe.cfg, env.world_size, "cuda" if torch.cuda.is_available() else "cpu",
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        plan["deepspeed_config"] = make_ds_config(recipe.cfg, env.world_size, device,
                                                   load_user_ds_json(cfg.train.deepspeed_config))
     say(env, config_to_yaml(recipe.cfg))
     say(env, json.dumps(plan, indent=2))

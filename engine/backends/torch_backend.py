@@ -173,8 +173,8 @@ class InBackwardBackend(TorchBackend):
             self.loss_scale.update(opt.overflow)
         self.steps_done += 1
         opt.lr = self.cfg.optim.lr * self.lr_fn(self.steps_done)
-        return {"loss_sum": loss_sum.detach(), "tokens": torch.tensor(float(n)), "grad_norm": None, "skipped": opt.overflow,
-                "lr": lr, "loss_scale": self.loss_scale.scale if self.loss_scale else None}
+        return {"loss_sum": loss_sum.detach(), "tokens": torch.tensor(float(n)), "grad_norm": None,
+                "skipped": opt.overflow, "lr": lr, "loss_scale": self.loss_scale.scale if self.loss_scale else None}
 
     def optimizer_state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "steps_done": self.steps_done,
@@ -187,7 +187,8 @@ class InBackwardBackend(TorchBackend):
             self.loss_scale.load_state_dict(state["loss_scale"])
 
 
-def torch_backend(cfg: RunConfig, dist_env: DistEnv, model: torch.nn.Module, total_steps: int, **kw) -> TorchBackend:
+def single_device_backend(cfg: RunConfig, dist_env: DistEnv, model: torch.nn.Module, total_steps: int,
+                          **kw) -> TorchBackend:
     """The single-device backend `cfg` asks for (optimizer-in-backward or the plain step)."""
     cls = InBackwardBackend if cfg.memory.optimizer_in_backward else TorchBackend
     return cls(cfg, dist_env, model, total_steps, **kw)

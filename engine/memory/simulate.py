@@ -29,7 +29,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from engine.backends.deepspeed_backend import load_user_ds_json, make_ds_config
-from engine.backends.torch_backend import torch_backend
+from engine.backends.torch_backend import single_device_backend
 from engine.config import GPT2_SIZES, RunConfig
 from engine.devices import resolve_precision
 from engine.distributed import DistEnv
@@ -323,7 +323,8 @@ def reduce_bucket(model: torch.nn.Module, tracker: MemoryTracker, zero: dict, st
     return bucket
 
 
-def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: int = 1, phases: bool = False) -> SimResult:
+def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: int = 1,
+             phases: bool = False) -> SimResult:
     """Peak memory of `steps` optimizer steps of `cfg` (one rank), simulated on fake tensors.
 
     Torch-backend configurations run the backend's `step_tensors`, the training step itself. DeepSpeed
@@ -360,7 +361,8 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
         else:
             # Optimizer constructors may compute real constants (bitsandbytes' quantization maps).
             with unset_fake_temporarily():
-                backend = torch_backend(cfg, DistEnv(), model, total_steps=steps, values=False, optimizer_step=fake_step)
+                backend = single_device_backend(cfg, DistEnv(), model, total_steps=steps, values=False,
+                                                optimizer_step=fake_step)
             opts = backend.optimizers()
             model = backend.model
         tracker.track_model(model)
