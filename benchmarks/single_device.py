@@ -50,6 +50,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--lora", action="store_true", help="LoRA r=16 on gpt2-xl instead of the full fine-tune")
+    ap.add_argument("--bf16-weights", action="store_true",
+                    help="the gpt2-xl_full_8gb preset: bf16 weights with stochastic rounding (no fp32 masters)")
     ap.add_argument("--model", default="gpt2-xl", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/single_device"))
     args = ap.parse_args()
@@ -58,10 +60,12 @@ def main() -> None:
     from engine.memory.measure import measure
     from engine.memory.simulate import simulate
 
-    name = f"{args.model}_{'lora' if args.lora else 'full'}"
-    overrides = COMMON + [f"model.name={args.model}"] + (LORA if args.lora else [])
-    cfg = cfg_from(LOW_MEMORY + overrides)
-    row: dict = {"config": name, "overrides": overrides, "preset": "gpt2-xl_full_t4"}
+    name = f"{args.model}_{'lora' if args.lora else 'full_bf16_weights' if args.bf16_weights else 'full'}"
+    preset = ["--config", "gpt2-xl_full_8gb"] if args.bf16_weights else LOW_MEMORY
+    common = [o for o in COMMON if not (args.bf16_weights and o.startswith("memory.precision="))]
+    overrides = common + [f"model.name={args.model}"] + (LORA if args.lora else [])
+    cfg = cfg_from(preset + overrides)
+    row: dict = {"config": name, "overrides": overrides, "preset": preset[1]}
     for kernel in ("cpu", "cuda"):
         sim = simulate(cfg, kernel=kernel, steps=2)
         row[f"simulated_{kernel}_peak_gib"] = round(sim.peak_bytes / GIB, 3)
@@ -70,7 +74,7 @@ def main() -> None:
         if kernel == "cuda":
             row["simulated_cuda_with_gpu_margin_gib"] = round(sim.with_gpu_margin() / GIB, 3)
     # The GPU figure for the engine's configuration is its T4 form: fp16 autocast over the same fp32 masters.
-    gpu_cfg = cfg_from(LOW_MEMORY + overrides + ["memory.precision=fp16"] * (not args.lora))
+    gpu_cfg = cfg_from(preset + overrides + ["memory.precision=fp16"] * (not args.lora and not args.bf16_weights))
     gpu = simulate(gpu_cfg, kernel="cuda", steps=2)
     base = simulate(cfg_from(LOW_MEMORY + overrides + BASELINE_RECIPE), kernel="cuda", steps=2)
     t4 = GPUS["t4"].memory_bytes
@@ -106,7 +110,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     row["env"] = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                   "command": f".venv/bin/python benchmarks/single_device.py --model {args.model} --steps {args.steps}"
-                             + (" --lora" if args.lora else "")}
+                             + (" --lora" if args.lora else "") + (" --bf16-weights" if args.bf16_weights else "")}
     (out / f"{name}.json").write_text(json.dumps(row, indent=2))
 
 

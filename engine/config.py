@@ -121,6 +121,14 @@ class MemoryConfig(Section):
         "(saves 4 B/param in fp32). One device; no accumulation or clipping. With fp16, an overflow skips the "
         "parameters whose gradients overflowed (ones already stepped keep their finite update) and halves the scale.",
     )
+    master_weights: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: keep the weights in bf16 (2 B/param instead of 4), no fp32 master copy. Each parameter's "
+        "update is computed in fp32 inside backward (optimizer_in_backward), one parameter at a time, and rounded "
+        "back to bf16 stochastically, so updates smaller than bf16's resolution survive on average (Zamirai et al. "
+        "2020). Needs memory.optimizer_in_backward=true and bf16 compute (memory.precision=bf16, or auto on bf16 "
+        "hardware).",
+    )
     loss_chunk_size: int | None = Field(
         None, gt=0,
         description="Compute logits + cross-entropy this many tokens at a time, recomputed in backward: the full "
@@ -361,6 +369,13 @@ def check_combinations(cfg: RunConfig) -> None:
                 "memory.optimizer_in_backward updates each parameter before the global gradient norm exists, so it "
                 "cannot clip: set optim.grad_clip=null, or turn optimizer_in_backward off"
             )
+    if m.master_weights == "bf16":
+        if not m.optimizer_in_backward:
+            raise ValueError("memory.master_weights=bf16 updates each parameter in fp32 inside backward: set "
+                             "memory.optimizer_in_backward=true (with optim.grad_clip=null), or master_weights=fp32")
+        if m.precision in ("fp16", "fp32"):
+            raise ValueError(f"memory.master_weights=bf16 computes in bf16, not memory.precision={m.precision}: set "
+                             "memory.precision=bf16 (or auto on bf16 hardware), or master_weights=fp32")
     if m.loss_chunk_size and m.zero_stage == 3:
         raise ValueError("memory.loss_chunk_size calls the LM head outside ZeRO-3's gather hooks: use zero_stage<=2 or unset it")
     if m.checkpoint_every_n_layers > 1 and not m.activation_checkpointing:

@@ -70,6 +70,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, sched: S
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, sched))
 
 
+def stochastic_round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16, rounding up or down at random with probability proportional to the distance: unbiased, so an
+    update below bf16's resolution moves the weight in expectation instead of vanishing. Random 16 bits are added to
+    the fp32 bit pattern below bf16's mantissa, then cut off (sign-magnitude: the same for negative values)."""
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+FP32_PIECE = 2**22  # elements of a bf16 weight updated in fp32 at once (16 MiB), bounding the update's transient
+
+
 class InBackwardOptimizer:
     """One optimizer per parameter, stepped from `register_post_accumulate_grad_hook`.
 
@@ -78,23 +90,41 @@ class InBackwardOptimizer:
     hooks read `self.lr`, `self.inv_scale` (1/loss scale, for fp16) and report overflow.
     """
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig, device_type: str = "cpu", step=None):
+    def __init__(self, model: nn.Module, cfg: OptimConfig, device_type: str = "cpu", step=None,
+                 master_bf16: bool = False):
         self.step_one = step or (lambda opt: opt.step())  # the simulator allocates states instead of stepping
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        # bf16 weights (memory.master_weights=bf16): a parameter is stepped in pieces of at most FP32_PIECE elements,
+        # each through its own optimizer on an fp32 stand-in that holds the piece (and its gradient) in fp32 only
+        # while it steps; the states are fp32 (or 8-bit) as with fp32 weights.
+        self.pieces: dict[str, list[tuple[str, int, int, nn.Parameter]]] = {}
         for name, p in self.named:
-            holder = nn.Module()
-            holder.register_parameter("p", p)
-            self.optimizers[name] = build_optimizer(holder, cfg, device_type)
+            bounds = [(a, min(a + FP32_PIECE, p.numel())) for a in range(0, p.numel(), FP32_PIECE)]
+            for i, (a, b) in enumerate(bounds if master_bf16 else [(0, p.numel())]):
+                holder = nn.Module()
+                holder.register_parameter("p", p)
+                opt = build_optimizer(holder, cfg, device_type)  # grouped by the real parameter's shape (decay)
+                key = f"{name}#{i}" if master_bf16 else name
+                if master_bf16:
+                    stand_in = nn.Parameter(p.new_empty(0, dtype=torch.float32))  # fake when p is (the simulator)
+                    for group in opt.param_groups:
+                        group["params"] = [stand_in if q is p else q for q in group["params"]]
+                    self.pieces.setdefault(name, []).append((key, a, b, stand_in))
+                self.optimizers[key] = opt
         self.base_lr = cfg.lr
         self.lr = cfg.lr
         self.inv_scale = 1.0
         self.overflow = False
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(name)) for name, p in self.named]
 
-    def _hook(self, name: str):
-        opt = self.optimizers[name]
+    def _step(self, key: str) -> None:
+        opt = self.optimizers[key]
+        for g in opt.param_groups:
+            g["lr"] = self.lr
+        self.step_one(opt)
 
+    def _hook(self, name: str):
         def hook(p: torch.Tensor) -> None:
             if self.inv_scale != 1.0:
                 p.grad.mul_(self.inv_scale)
@@ -103,9 +133,17 @@ class InBackwardOptimizer:
                     self.overflow = True
                     p.grad = None
                     return
-            for g in opt.param_groups:
-                g["lr"] = self.lr
-            self.step_one(opt)
+            if name not in self.pieces:
+                self._step(name)
+            else:
+                weight, grad = p.detach().view(-1), p.grad.view(-1)
+                for key, a, b, stand_in in self.pieces[name]:
+                    # This piece in fp32 for its update, then stochastically rounded back into the bf16 weight.
+                    stand_in.data, stand_in.grad = weight[a:b].float(), grad[a:b].float()
+                    self._step(key)
+                    weight[a:b].copy_(stochastic_round_to_bf16(stand_in.data))
+                    stand_in.grad = None
+                    stand_in.data = p.new_empty(0, dtype=torch.float32)
             p.grad = None  # the point of the exercise: free this gradient now
 
         return hook

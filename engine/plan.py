@@ -122,11 +122,15 @@ def strategies(req: Request) -> list[Strategy]:
     inb = ("memory.optimizer_in_backward=true", "optim.grad_clip=null")
     off = ("optim.name=cpu_adam", "memory.offload_optimizer=true")
     if req.gpus == 1:
+        # bf16 weights (no fp32 master copy) need bf16 compute: offered on GPUs that have it.
+        bf16_weights = [Strategy("AdamW8bit, in-backward, bf16 weights",
+                                 ("optim.name=adamw_8bit", *inb, "memory.master_weights=bf16"), in_backward=True)]
         return [
             Strategy("AdamW", ("optim.name=adamw",)),
             Strategy("AdamW8bit", ("optim.name=adamw_8bit",)),
             Strategy("AdamW, in-backward", ("optim.name=adamw",) + inb, in_backward=True),
             Strategy("AdamW8bit, in-backward", ("optim.name=adamw_8bit",) + inb, in_backward=True),
+            *(bf16_weights if req.gpu.bf16 else []),
             Strategy("ZeRO-2 + optimizer offload", off + ("memory.zero_stage=2",), 2, offload_optimizer=True),
             Strategy("ZeRO-3 + optimizer/param offload", off + ("memory.zero_stage=3", "memory.offload_params=true"),
                      3, offload_optimizer=True, offload_params=True),

@@ -20,6 +20,7 @@ from engine.backends.base import Backend, StepStats
 from engine.config import RunConfig
 from engine.devices import pick_device
 from engine.distributed import DistEnv
+from engine.errors import ConfigError
 from engine.loss import batch_loss_sum
 from engine.model import cast_frozen_matmul_weights
 from engine.optim import (
@@ -149,7 +150,16 @@ class InBackwardBackend(TorchBackend):
     name = "torch"
 
     def setup_optimizer(self, total_steps: int) -> None:
-        self.optimizer = InBackwardOptimizer(self.model, self.cfg.optim, self.device.type, self.optimizer_step)
+        master_bf16 = self.cfg.memory.master_weights == "bf16"
+        if master_bf16:
+            if self.dtype != torch.bfloat16:
+                raise ConfigError(f"memory.master_weights=bf16 computes in bf16, but memory.precision resolved to "
+                                  f"{self.cfg.memory.precision} on this device: set master_weights=fp32 here")
+            for p in self.model.parameters():
+                if p.is_floating_point():
+                    p.data = p.data.to(torch.bfloat16)  # the weights themselves: no fp32 master copy
+        self.optimizer = InBackwardOptimizer(self.model, self.cfg.optim, self.device.type, self.optimizer_step,
+                                             master_bf16=master_bf16)
         self.lr_fn = lr_lambda(total_steps, self.cfg.schedule)
         self.steps_done = 0
         self.optimizer.lr = self.cfg.optim.lr * self.lr_fn(0)

@@ -1,0 +1,90 @@
+"""memory.master_weights=bf16: bf16 weights (no fp32 master copy), each parameter updated in fp32 inside backward
+and rounded back stochastically. Parity with fp32 masters, unbiased rounding, exact resume, start-up checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_inprocess, tiny_overrides
+from engine.config import validate_dict
+from engine.errors import ConfigError
+from engine.optim import stochastic_round_to_bf16
+
+IN_BACKWARD = {"precision": "bf16", "optimizer_in_backward": True}
+NO_CLIP = {"grad_clip": None}
+
+
+def test_stochastic_rounding_is_unbiased():
+    """1 + 2^-10 lies 1/8 of the way from 1 to the next bf16 value (1 + 2^-7): round-to-nearest always gives 1,
+    stochastic rounding gives 1 + 2^-7 an eighth of the time, so its mean is the fp32 value."""
+    x = torch.full((200_000,), 1 + 2**-10)
+    torch.manual_seed(0)
+    r = stochastic_round_to_bf16(x)
+    assert r.dtype == torch.bfloat16 and set(r.float().unique().tolist()) == {1.0, 1 + 2**-7}
+    assert r.float().mean().item() == pytest.approx(1 + 2**-10, abs=2e-5)
+    assert x.to(torch.bfloat16).float().mean().item() == 1.0  # round-to-nearest loses the difference
+    neg = stochastic_round_to_bf16(-x)
+    assert neg.float().mean().item() == pytest.approx(-(1 + 2**-10), abs=2e-5)
+    exact = torch.tensor([0.0, 1.0, -2.5, float("inf")])
+    assert torch.equal(stochastic_round_to_bf16(exact).float(), exact)  # representable values stay
+
+
+def test_bf16_master_weights_track_fp32_masters(corpus, tmp_path):
+    """60 steps under bf16 autocast, both stepped inside backward: the loss decrease at every step stays within 10%
+    of the fp32-master run's total decrease, and the final loss within 2%. The checkpointed weights are bf16."""
+    common = dict(optim={**NO_CLIP, "lr": 1e-3}, train={"max_steps": 60})
+    _, ref = run_inprocess(corpus, tmp_path / "fp32", memory=IN_BACKWARD, **common)
+    _, sr = run_inprocess(corpus, tmp_path / "bf16", memory={**IN_BACKWARD, "master_weights": "bf16"}, **common)
+    drop, ref_drop = sr[0] - torch.tensor(sr), ref[0] - torch.tensor(ref)
+    assert (drop - ref_drop).abs().max() <= 0.1 * ref_drop.max(), (sr[-5:], ref[-5:])
+    assert sr[-1] == pytest.approx(ref[-1], rel=0.02)
+    ckpt = sorted((tmp_path / "bf16" / "checkpoints").iterdir())[-1]
+    assert {t.dtype for t in load_file(str(ckpt / "trainable.safetensors")).values()} == {torch.bfloat16}
+
+
+def test_bf16_master_weights_resume_exactly(corpus, tmp_path):
+    """The rounding draws from the RNG a checkpoint restores: a run cut at step 4 and resumed logs the same losses,
+    bit for bit, as the run that never stopped (8-bit states included)."""
+    from test_resilience import cut_back, records
+
+    extra = dict(memory={**IN_BACKWARD, "master_weights": "bf16"}, optim={**NO_CLIP, "name": "adamw_8bit"},
+                 train={"max_steps": 8}, checkpoint={"every_n_steps": 4, "keep_last": 5})
+    full = tmp_path / "full"
+    run_inprocess(corpus, full, **extra)
+    cut = cut_back(full, tmp_path / "cut", 4)
+    run_inprocess(corpus, cut, **{**extra, "checkpoint": {**extra["checkpoint"], "resume": True}})
+    assert records(cut) == records(full)
+
+
+@pytest.mark.parametrize("memory,message", [
+    ({"master_weights": "bf16", "precision": "bf16"}, "set memory.optimizer_in_backward=true"),
+    ({**IN_BACKWARD, "master_weights": "bf16", "precision": "fp16"}, "computes in bf16, not memory.precision=fp16"),
+    ({**IN_BACKWARD, "master_weights": "bf16", "precision": "fp32"}, "computes in bf16, not memory.precision=fp32"),
+])
+def test_incompatible_settings_are_rejected(corpus, tmp_path, memory, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_dict(tiny_overrides(corpus, tmp_path / "r", memory=memory, optim=NO_CLIP))
+
+
+def test_the_planner_offers_bf16_weights_on_bf16_gpus_only():
+    from engine.memory.gpus import GPUS
+    from engine.plan import Request, strategies
+
+    names = lambda gpu: [s.name for s in strategies(Request(gpu=GPUS[gpu]))]  # noqa: E731
+    assert any("bf16 weights" in n for n in names("a100-40g"))
+    assert not any("bf16 weights" in n for n in names("t4"))
+
+
+def test_large_weights_step_in_pieces_with_the_same_result(corpus, tmp_path, monkeypatch):
+    """A weight is updated in fp32 a piece at a time (bounding the transient fp32 copy); pieces change nothing: with
+    round-to-nearest in place of the random rounding, 1000-element pieces and whole weights give identical runs."""
+    import engine.optim
+
+    monkeypatch.setattr(engine.optim, "stochastic_round_to_bf16", lambda x: x.to(torch.bfloat16))
+    extra = dict(memory={**IN_BACKWARD, "master_weights": "bf16"}, optim=NO_CLIP, train={"max_steps": 4})
+    _, whole = run_inprocess(corpus, tmp_path / "whole", **extra)
+    monkeypatch.setattr(engine.optim, "FP32_PIECE", 1000)
+    _, pieces = run_inprocess(corpus, tmp_path / "pieces", **extra)
+    assert pieces == whole
