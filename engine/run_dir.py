@@ -55,6 +55,7 @@ def run_layout(cfg: RunConfig, world_size: int, global_batch: int, tokenizer) ->
         "block_size": cfg.data.block_size, "world_size": world_size, "global_batch": global_batch,
         "optimizer": cfg.optim.name, "optimizer_in_backward": cfg.memory.optimizer_in_backward,
         "zero_stage": cfg.memory.zero_stage, "precision": cfg.memory.precision,
+        "master_weights": cfg.memory.master_weights,
         "lora": cfg.memory.lora.model_dump() if cfg.memory.lora.enabled else None,
         "freeze": cfg.memory.freeze.model_dump(),
     }
