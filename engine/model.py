@@ -69,9 +69,15 @@ def from_pretrained(load, name: str, hub_hint: str = "pass a local folder instea
         raise ModelLoadError(f"could not load {name!r} from the model hub (offline or unknown name): {hub_hint}") from None
 
 
+def storage_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype the weights are kept in: bf16 with memory.master_weights=bf16, else fp32 (the backend applies the
+    compute precision). The model is built in it directly, so no fp32 copy of a bf16 model ever exists on the host."""
+    return torch.bfloat16 if cfg.memory.master_weights == "bf16" else torch.float32
+
+
 def load_base_model(cfg: RunConfig, vocab_size: int) -> nn.Module:
-    """GPT2LMHeadModel (task=causal_lm) or GPT2ForSequenceClassification (task=classification) in fp32 (precision is
-    applied by the backend), weights random or pretrained. A pretrained LM gets a new, randomly initialised head."""
+    """GPT2LMHeadModel (task=causal_lm) or GPT2ForSequenceClassification (task=classification) in its storage dtype
+    (`storage_dtype`), weights random or pretrained. A pretrained LM gets a new, randomly initialised head."""
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
@@ -87,12 +93,13 @@ def load_base_model(cfg: RunConfig, vocab_size: int) -> nn.Module:
         config = gpt2_config(cfg, vocab_size=GPT2_VOCAB)
         config._attn_implementation = m.attn_implementation
         config.update(head)
-        model = GPT2ForSequenceClassification(config) if classify else GPT2LMHeadModel(config)
+        cls = GPT2ForSequenceClassification if classify else GPT2LMHeadModel
+        model = cls._from_config(config, dtype=storage_dtype(cfg))
     else:
         auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
         extra = dict(head, ignore_mismatched_sizes=True) if classify else {}  # another label set: a new head
         model = from_pretrained(auto.from_pretrained, m.name, attn_implementation=m.attn_implementation,
-                                dtype=torch.float32, trust_remote_code=m.trust_remote_code,
+                                dtype=storage_dtype(cfg), trust_remote_code=m.trust_remote_code,
                                 hub_hint=f"download it elsewhere and pass model.name=/path/to/{m.name}, or set "
                                          "model.init=random to build its architecture with random weights", **extra)
         if m.dropout is not None:

@@ -88,3 +88,14 @@ def test_large_weights_step_in_pieces_with_the_same_result(corpus, tmp_path, mon
     monkeypatch.setattr(engine.optim, "FP32_PIECE", 1000)
     _, pieces = run_inprocess(corpus, tmp_path / "pieces", **extra)
     assert pieces == whole
+
+
+def test_a_bf16_model_is_built_in_bf16(corpus, tmp_path):
+    """No fp32 copy of a bf16-weight model on the host: the model is built in bf16 (random init or pretrained)."""
+    from engine.model import build_model
+
+    cfg = validate_dict(tiny_overrides(corpus, tmp_path / "r", memory={**IN_BACKWARD, "master_weights": "bf16"},
+                                       optim=NO_CLIP))
+    assert {p.dtype for p in build_model(cfg, 50257).parameters()} == {torch.bfloat16}
+    fp32 = validate_dict(tiny_overrides(corpus, tmp_path / "r"))
+    assert {p.dtype for p in build_model(fp32, 50257).parameters()} == {torch.float32}
