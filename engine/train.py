@@ -125,7 +125,6 @@ class RunLog:
         self.tb = open_tensorboard(cfg.logging.tensorboard and main, self.out, start_step + 1 if resumed else None)
         if self.tb:
             self._stack.callback(self.tb.close)
-        self._stack.callback(self._loop.close)
         if main and cfg.logging.progress:
             self.pbar = tqdm(total=self.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                              file=sys.stderr)
