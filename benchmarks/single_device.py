@@ -12,8 +12,11 @@ Reports, per configuration: tracked peak by category (real tensors), process pea
 step simulated (fake tensors, CPU kernels and GPU flash kernels), and the seeds' recipe (HF Trainer: fp32 AdamW,
 no checkpointing) simulated with GPU kernels plus the GPU margin, against a 16 GB T4.
 
-    .venv/bin/python benchmarks/single_device.py --model gpt2-xl [--steps 3] [--lora]
+    .venv/bin/python benchmarks/single_device.py --model gpt2-xl [--steps 3] [--recipe NAME]
     .venv/bin/python benchmarks/single_device.py --model gpt2-large
+
+Recipes (`--recipe`): full (the T4 preset, default), lora, bf16_weights (the 8 GB preset: bf16 weights with
+stochastic rounding, 8-bit AdamW), adamw_4bit and adafactor (the 8 GB preset with 4-bit AdamW or Adafactor).
 """
 
 from __future__ import annotations
@@ -37,6 +40,18 @@ LORA = ["memory.optimizer_in_backward=false", "optim.name=adamw", "optim.grad_cl
         "memory.lora.r=16", "memory.lora.alpha=32", "memory.precision=bf16"]
 
 
+# --recipe: (preset, overrides on top of it)
+RECIPES = {
+    "full": (LOW_MEMORY, []),
+    "lora": (LOW_MEMORY, LORA),
+    "bf16_weights": (["--config", "gpt2-xl_full_8gb"], []),
+    "adamw_4bit": (["--config", "gpt2-xl_full_8gb"], ["optim.name=adamw_4bit"]),
+    "adafactor": (["--config", "gpt2-xl_full_8gb"], ["optim.name=adafactor"]),
+}
+FILE_NAMES = {"bf16_weights": "full_bf16_weights", "adamw_4bit": "full_bf16_weights_adamw_4bit",
+              "adafactor": "full_bf16_weights_adafactor"}
+
+
 def cfg_from(args: list[str]):
     from engine.config import resolve_config_path
     from engine.config import load_config
@@ -49,9 +64,7 @@ def cfg_from(args: list[str]):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--lora", action="store_true", help="LoRA r=16 on gpt2-xl instead of the full fine-tune")
-    ap.add_argument("--bf16-weights", action="store_true",
-                    help="the gpt2-xl_full_8gb preset: bf16 weights with stochastic rounding (no fp32 masters)")
+    ap.add_argument("--recipe", default="full", choices=sorted(RECIPES), help="what to measure (see above)")
     ap.add_argument("--model", default="gpt2-xl", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/single_device"))
     args = ap.parse_args()
@@ -60,10 +73,11 @@ def main() -> None:
     from engine.memory.measure import measure
     from engine.memory.simulate import simulate
 
-    name = f"{args.model}_{'lora' if args.lora else 'full_bf16_weights' if args.bf16_weights else 'full'}"
-    preset = ["--config", "gpt2-xl_full_8gb"] if args.bf16_weights else LOW_MEMORY
-    common = [o for o in COMMON if not (args.bf16_weights and o.startswith("memory.precision="))]
-    overrides = common + [f"model.name={args.model}"] + (LORA if args.lora else [])
+    name = f"{args.model}_{FILE_NAMES.get(args.recipe, args.recipe)}"
+    preset, extra = RECIPES[args.recipe]
+    bf16_weights = preset[1] != LOW_MEMORY[1]  # those presets compute in bf16 (this CPU has it, or it is emulated)
+    common = [o for o in COMMON if not (bf16_weights and o.startswith("memory.precision="))]
+    overrides = common + [f"model.name={args.model}"] + extra
     cfg = cfg_from(preset + overrides)
     row: dict = {"config": name, "overrides": overrides, "preset": preset[1]}
     for kernel in ("cpu", "cuda"):
@@ -74,7 +88,7 @@ def main() -> None:
         if kernel == "cuda":
             row["simulated_cuda_with_gpu_margin_gib"] = round(sim.with_gpu_margin() / GIB, 3)
     # The GPU figure for the engine's configuration is its T4 form: fp16 autocast over the same fp32 masters.
-    gpu_cfg = cfg_from(preset + overrides + ["memory.precision=fp16"] * (not args.lora and not args.bf16_weights))
+    gpu_cfg = cfg_from(preset + overrides + ["memory.precision=fp16"] * (args.recipe == "full"))
     gpu = simulate(gpu_cfg, kernel="cuda", steps=2)
     base = simulate(cfg_from(LOW_MEMORY + overrides + BASELINE_RECIPE), kernel="cuda", steps=2)
     t4 = GPUS["t4"].memory_bytes
@@ -110,7 +124,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     row["env"] = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                   "command": f".venv/bin/python benchmarks/single_device.py --model {args.model} --steps {args.steps}"
-                             + (" --lora" if args.lora else "") + (" --bf16-weights" if args.bf16_weights else "")}
+                             + (f" --recipe {args.recipe}" if args.recipe != "full" else "")}
     (out / f"{name}.json").write_text(json.dumps(row, indent=2))
 
 

@@ -31,6 +31,12 @@ GPT2_CONTEXT = 1024
 GPT2_VOCAB = 50257
 
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+# Optimizer state bytes per trainable parameter (the ZeRO rules' K; the planner's arithmetic). Adafactor keeps a row
+# and a column vector per matrix (~0); torchao's 4-bit AdamW two 4-bit moments plus a scale per 128 values.
+STATE_BYTES = {"adamw": 8, "cpu_adam": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "adamw_4bit": 1, "adafactor": 0}
+# Optimizers that only run on the single-device torch backend (ZeRO flattens parameters into 1-D partitions, which
+# a factored optimizer cannot factor; torchao's compiled 4-bit step is not wired into DeepSpeed).
+SINGLE_DEVICE_OPTIMIZERS = ("adamw_4bit", "adafactor")
 
 
 class Section(BaseModel):
@@ -126,8 +132,8 @@ class MemoryConfig(Section):
         description="bf16: keep the weights in bf16 (2 B/param instead of 4), no fp32 master copy. Each parameter's "
         "update is computed in fp32 inside backward (optimizer_in_backward), one parameter at a time, and rounded "
         "back to bf16 stochastically, so updates smaller than bf16's resolution survive on average (Zamirai et al. "
-        "2020). Needs memory.optimizer_in_backward=true and bf16 compute (memory.precision=bf16, or auto on bf16 "
-        "hardware).",
+        "2020). Needs memory.optimizer_in_backward=true and 16-bit compute: with memory.precision=fp16 (GPUs without "
+        "bf16 math, e.g. the T4) matmuls run in fp16 from the bf16 weights, under fp16 loss scaling.",
     )
     loss_chunk_size: int | None = Field(
         None, gt=0,
@@ -144,9 +150,13 @@ class MemoryConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "cpu_adam"] = Field(
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adamw_4bit", "adafactor", "cpu_adam"] = Field(
         "adamw",
-        description="adamw (fp32 states, 8 B/param); adamw_8bit / paged_adamw_8bit (bitsandbytes, 2 B/param); cpu_adam (DeepSpeedCPUAdam, needs offload).",
+        description="adamw (fp32 states, 8 B/param); adamw_8bit / paged_adamw_8bit (bitsandbytes, 2 B/param); "
+        "adamw_4bit (torchao, both moments in 4 bits, ~1 B/param; its step compiles once per parameter shape); "
+        "adafactor (transformers' Adafactor with a factored second moment and no first moment, ~0 B/param; uses lr, "
+        "weight_decay and update clipping at RMS 1, ignores betas/eps); cpu_adam (DeepSpeedCPUAdam, needs offload). "
+        "adamw_4bit and adafactor run on the single-device torch backend.",
     )
     lr: float = Field(5e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -323,6 +333,11 @@ class RunConfig(Section):
                 f"memory.optimizer_in_backward runs on one device, but the launcher started {world_size} processes: "
                 "launch one process, or turn optimizer_in_backward off and use ZeRO"
             )
+        if self.optim.name in SINGLE_DEVICE_OPTIMIZERS and world_size > 1:
+            raise ConfigError(
+                f"optim.name={self.optim.name} runs on one device, but the launcher started {world_size} processes: "
+                "launch one process, or use optim.name=adamw_8bit (or adamw) with ZeRO"
+            )
         if t.backend == "torch" and world_size > 1:
             raise ConfigError(
                 f"train.backend=torch runs one process but the launcher started {world_size}: use train.backend=deepspeed"
@@ -349,6 +364,9 @@ def check_combinations(cfg: RunConfig) -> None:
             f"optim.name={o.name} cannot run on offloaded optimizer state (bitsandbytes kernels need the states on the "
             "device): use optim.name=cpu_adam (or adamw) with offload, or set memory.offload_optimizer=false"
         )
+    if o.name in SINGLE_DEVICE_OPTIMIZERS and (needs_deepspeed(m.zero_stage) or t.backend == "deepspeed"):
+        raise ValueError(f"optim.name={o.name} runs on the single-device torch backend, not under DeepSpeed/ZeRO: set "
+                         "memory.zero_stage=0 and train.backend=torch (or auto), or use optim.name=adamw_8bit with ZeRO")
     if o.name == "cpu_adam" and not m.offload_optimizer:
         raise ValueError("optim.name=cpu_adam (DeepSpeedCPUAdam) needs memory.offload_optimizer=true; otherwise use optim.name=adamw")
     if needs_deepspeed(m.zero_stage) and t.backend == "torch":
@@ -373,9 +391,9 @@ def check_combinations(cfg: RunConfig) -> None:
         if not m.optimizer_in_backward:
             raise ValueError("memory.master_weights=bf16 updates each parameter in fp32 inside backward: set "
                              "memory.optimizer_in_backward=true (with optim.grad_clip=null), or master_weights=fp32")
-        if m.precision in ("fp16", "fp32"):
-            raise ValueError(f"memory.master_weights=bf16 computes in bf16, not memory.precision={m.precision}: set "
-                             "memory.precision=bf16 (or auto on bf16 hardware), or master_weights=fp32")
+        if m.precision == "fp32":
+            raise ValueError("memory.master_weights=bf16 computes in 16 bits, not memory.precision=fp32: set "
+                             "memory.precision=bf16 (fp16 on GPUs without bf16, or auto), or master_weights=fp32")
     if m.loss_chunk_size and m.zero_stage == 3:
         raise ValueError("memory.loss_chunk_size calls the LM head outside ZeRO-3's gather hooks: use zero_stage<=2 or unset it")
     if m.checkpoint_every_n_layers > 1 and not m.activation_checkpointing:

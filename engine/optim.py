@@ -1,14 +1,17 @@
-"""Optimizers (torch AdamW, bitsandbytes 8-bit AdamW, DeepSpeedCPUAdam) and the warmup+decay schedule."""
+"""Optimizers (torch AdamW, bitsandbytes 8-bit AdamW, torchao 4-bit AdamW, transformers' Adafactor,
+DeepSpeedCPUAdam), the optimizer-in-backward driver and the warmup+decay schedule."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
-from engine.config import OptimConfig, ScheduleConfig
+from engine.config import BNB_OPTIMIZERS, OptimConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -33,7 +36,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu"
         # The fused kernel updates each tensor in place: no temporaries. torch's default on CUDA is the foreach
         # kernel, whose sqrt(exp_avg_sq) alone is a second full copy of the state (+4 B/param at the step's peak).
         return torch.optim.AdamW(groups, fused=True, **kw)
-    if cfg.name in ("adamw_8bit", "paged_adamw_8bit"):
+    if cfg.name in BNB_OPTIMIZERS:
         import bitsandbytes as bnb
 
         cls = bnb.optim.PagedAdamW8bit if cfg.name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
@@ -41,11 +44,40 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu"
             # bitsandbytes warns once per state that paging is CUDA-only and falls back: expected on CPU.
             warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
             return cls(groups, **kw)
+    if cfg.name == "adamw_4bit":
+        # torchao: both Adam moments in 4 bits (block-wise, Li et al. 2023); its step is torch.compile'd once per
+        # parameter shape (seconds each, on the first step).
+        from torchao.optim import AdamW4bit
+
+        return AdamW4bit(groups, **kw)
+    if cfg.name == "adafactor":
+        # Factored second moment (a row and a column vector per matrix), no first moment (beta1=None): ~0 B/param
+        # of state. Fixed lr (the engine's schedule drives it), update clipping at RMS 1 (Shazeer & Stern 2018).
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=cfg.lr, beta1=None, clip_threshold=1.0, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
     if cfg.name == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
     raise ValueError(cfg.name)
+
+
+def compiles_its_step(optimizer) -> bool:
+    return type(optimizer).__module__.startswith("torchao")
+
+
+def step_context(optimizer):
+    """Where `optimizer.step()` may run. torch.compile cannot trace under a Python dispatch mode (the memory tracker
+    of `logging.track_memory` / `engine.memory.measure`), so torchao's compiled step runs outside it: the tracker's
+    step hook still files the states it creates; the step itself is one in-place kernel per parameter."""
+    return _disable_current_modes() if compiles_its_step(optimizer) else contextlib.nullcontext()
+
+
+def run_step(optimizer) -> None:
+    with step_context(optimizer):
+        optimizer.step()
 
 
 def lr_lambda(total_steps: int, sched: ScheduleConfig):
@@ -79,7 +111,36 @@ def stochastic_round_to_bf16(x: torch.Tensor) -> torch.Tensor:
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-FP32_PIECE = 2**22  # elements of a bf16 weight updated in fp32 at once (16 MiB), bounding the update's transient
+FP32_PIECE = 2**22  # elements of a weight updated at once (16 MiB in fp32), bounding the update's transient
+
+
+def piece_bounds(shape: torch.Size, limit: int | None = None) -> list[tuple[int, int, tuple[int, ...]]]:
+    """A parameter cut into pieces of at most `limit` elements (at least one row): (start, end, shape) in its
+    flattened form. A matrix is cut into whole rows, so each piece is itself a matrix (what a factored optimizer
+    needs); anything else into flat runs. Pieces hold a multiple of 128 elements where they can: torchao quantizes
+    states only in whole blocks of 128 (a piece that is not is kept in fp32)."""
+    limit = limit or FP32_PIECE
+    numel = math.prod(shape)
+    if len(shape) == 2:
+        rows = max(1, limit // shape[1])
+        step = 128 // math.gcd(shape[1], 128)
+        rows = rows - rows % step if rows >= step else rows
+        if rows >= shape[0] > step and shape[0] % step:
+            rows = shape[0] - shape[0] % step  # one whole-block piece and a short remainder, not one odd piece
+        return [(a * shape[1], min(a + rows, shape[0]) * shape[1], (min(a + rows, shape[0]) - a, shape[1]))
+                for a in range(0, shape[0], rows)]
+    return [(a, min(a + limit, numel), (min(a + limit, numel) - a,)) for a in range(0, numel, limit)]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(lr)  # torchao keeps lr as a tensor (its compiled step reads it without recompiling)
+        else:
+            g["lr"] = lr
+
+
+PIECED_OPTIMIZERS = ("adafactor", "adamw_4bit")  # stepped in pieces even with fp32 weights (InBackwardOptimizer)
 
 
 class InBackwardOptimizer:
@@ -92,25 +153,37 @@ class InBackwardOptimizer:
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, device_type: str = "cpu", step=None,
                  master_bf16: bool = False):
-        self.step_one = step or (lambda opt: opt.step())  # the simulator allocates states instead of stepping
+        self.step_one = step or run_step  # the simulator allocates states instead of stepping
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        # bf16 weights (memory.master_weights=bf16): a parameter is stepped in pieces of at most FP32_PIECE elements,
-        # each through its own optimizer on an fp32 stand-in that holds the piece (and its gradient) in fp32 only
-        # while it steps; the states are fp32 (or 8-bit) as with fp32 weights.
+        # A parameter is stepped in pieces of at most FP32_PIECE elements (`piece_bounds`), each through its own
+        # optimizer on a stand-in parameter, when
+        # - its weights are bf16 (memory.master_weights=bf16): the stand-in holds the piece (and its gradient) in fp32
+        #   only while it steps, then the piece is rounded back stochastically; the states are as with fp32 weights;
+        # - the optimizer is Adafactor, whose update makes several full-size fp32 temporaries (4 x 80M x 4 B for
+        #   gpt2-xl's embedding at once), or torchao's 4-bit AdamW, which quantizes only tensors of whole 128-element
+        #   blocks (gpt2-xl's embedding, 50257 x 1600, is not): the stand-in is a view of the fp32 weight, stepped in
+        #   place. Whole rows per piece keep each piece a matrix, factored on its own by Adafactor (row statistics
+        #   exact, column statistics per piece).
+        self.master_bf16 = master_bf16
         self.pieces: dict[str, list[tuple[str, int, int, nn.Parameter]]] = {}
+        pieced = master_bf16 or cfg.name in PIECED_OPTIMIZERS
+        embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
         for name, p in self.named:
-            bounds = [(a, min(a + FP32_PIECE, p.numel())) for a in range(0, p.numel(), FP32_PIECE)]
-            for i, (a, b) in enumerate(bounds if master_bf16 else [(0, p.numel())]):
+            # 4-bit moments on the token embedding (rare rows, tiny second moments) cost far more loss than anywhere
+            # else (measured on a tiny GPT-2: 30 steps, loss 9.08 vs 8.91 with the embedding's moments kept wider);
+            # bitsandbytes' 8-bit AdamW keeps them, as its StableEmbedding advice has it.
+            p_cfg = cfg.model_copy(update={"name": "adamw_8bit"}) if cfg.name == "adamw_4bit" and p is embedding else cfg
+            for i, (a, b, shape) in enumerate(piece_bounds(p.shape) if pieced else [(0, p.numel(), ())]):
                 holder = nn.Module()
                 holder.register_parameter("p", p)
-                opt = build_optimizer(holder, cfg, device_type)  # grouped by the real parameter's shape (decay)
-                key = f"{name}#{i}" if master_bf16 else name
-                if master_bf16:
+                opt = build_optimizer(holder, p_cfg, device_type)  # grouped by the real parameter's shape (decay)
+                key = f"{name}#{i}" if pieced else name
+                if pieced:
                     stand_in = nn.Parameter(p.new_empty(0, dtype=torch.float32))  # fake when p is (the simulator)
                     for group in opt.param_groups:
                         group["params"] = [stand_in if q is p else q for q in group["params"]]
-                    self.pieces.setdefault(name, []).append((key, a, b, stand_in))
+                    self.pieces.setdefault(name, []).append((key, a, b, shape, stand_in))
                 self.optimizers[key] = opt
         self.base_lr = cfg.lr
         self.lr = cfg.lr
@@ -120,9 +193,22 @@ class InBackwardOptimizer:
 
     def _step(self, key: str) -> None:
         opt = self.optimizers[key]
-        for g in opt.param_groups:
-            g["lr"] = self.lr
+        set_lr(opt, self.lr)
         self.step_one(opt)
+
+    def _step_pieces(self, name: str, p: torch.Tensor) -> None:
+        weight, grad = p.detach().view(-1), p.grad.view(-1)
+        for key, a, b, shape, stand_in in self.pieces[name]:
+            if self.master_bf16:
+                # This piece in fp32 for its update, then stochastically rounded back into the bf16 weight.
+                stand_in.data, stand_in.grad = weight[a:b].float().view(shape), grad[a:b].float().view(shape)
+                self._step(key)
+                weight[a:b].copy_(stochastic_round_to_bf16(stand_in.data).view(-1))
+            else:
+                stand_in.data, stand_in.grad = weight[a:b].view(shape), grad[a:b].view(shape)  # in place
+                self._step(key)
+            stand_in.grad = None
+            stand_in.data = p.new_empty(0, dtype=torch.float32)
 
     def _hook(self, name: str):
         def hook(p: torch.Tensor) -> None:
@@ -133,17 +219,10 @@ class InBackwardOptimizer:
                     self.overflow = True
                     p.grad = None
                     return
-            if name not in self.pieces:
-                self._step(name)
+            if name in self.pieces:
+                self._step_pieces(name, p)
             else:
-                weight, grad = p.detach().view(-1), p.grad.view(-1)
-                for key, a, b, stand_in in self.pieces[name]:
-                    # This piece in fp32 for its update, then stochastically rounded back into the bf16 weight.
-                    stand_in.data, stand_in.grad = weight[a:b].float(), grad[a:b].float()
-                    self._step(key)
-                    weight[a:b].copy_(stochastic_round_to_bf16(stand_in.data))
-                    stand_in.grad = None
-                    stand_in.data = p.new_empty(0, dtype=torch.float32)
+                self._step(name)
             p.grad = None  # the point of the exercise: free this gradient now
 
         return hook

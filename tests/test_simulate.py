@@ -85,6 +85,12 @@ def test_fp32_adamw_gpt2_xl_does_not_fit_24_gib():
      "memory.activation_checkpointing=true", "memory.loss_chunk_size=32"],
     ["optim.name=adamw_8bit", "memory.optimizer_in_backward=true", "optim.grad_clip=null", "memory.precision=bf16",
      "memory.master_weights=bf16"],
+    ["optim.name=adafactor", "memory.optimizer_in_backward=true", "optim.grad_clip=null", "memory.precision=bf16",
+     "memory.master_weights=bf16", "memory.activation_checkpointing=true"],
+    ["optim.name=adamw_4bit", "memory.optimizer_in_backward=true", "optim.grad_clip=null", "memory.precision=bf16",
+     "memory.master_weights=bf16"],
+    ["optim.name=adafactor"],
+    ["optim.name=adamw_4bit"],
 ])
 def test_simulated_peak_matches_measured_run(overrides):
     """Fake-tensor simulation of the backend's step vs the same step on real tensors, CPU kernels: within 1%."""

@@ -10,6 +10,7 @@ worth counting), and `optimizer_step` allocating the states of optimizers whose 
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -29,11 +30,9 @@ from engine.optim import (
     build_optimizer,
     build_scheduler,
     lr_lambda,
+    run_step,
+    step_context,
 )
-
-
-def step_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    optimizer.step()
 
 
 class TorchBackend(Backend):
@@ -42,7 +41,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, cfg: RunConfig, dist_env: DistEnv, model: torch.nn.Module, total_steps: int, *,
-                 values: bool = True, optimizer_step: Callable[[torch.optim.Optimizer], None] = step_optimizer):
+                 values: bool = True, optimizer_step: Callable[[torch.optim.Optimizer], None] = run_step):
         super().__init__(cfg, dist_env)
         self.device = pick_device(cfg.train.device)
         if any(p.device != self.device for p in model.parameters()):
@@ -70,7 +69,10 @@ class TorchBackend(Backend):
                               cache_enabled=not self.cfg.memory.activation_checkpointing)
 
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        lr = self.optimizer.param_groups[0]["lr"]
+        if isinstance(lr, torch.Tensor):  # torchao's (a fake tensor in the simulator): the schedule's value
+            return self.cfg.optim.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        return lr
 
     def train_step(self, micro_batches: list[dict]) -> StepStats:
         t = self.step_tensors(micro_batches)
@@ -106,7 +108,8 @@ class TorchBackend(Backend):
             # fp16 (one host sync per step, for the norm that is logged anyway).
             skipped = True
         elif self.loss_scaling:
-            self.scaler.step(self.optimizer)
+            with step_context(self.optimizer):
+                self.scaler.step(self.optimizer)
             self.scaler.update()
             skipped = self.scaler.get_scale() < scale_before
         else:
@@ -152,12 +155,14 @@ class InBackwardBackend(TorchBackend):
     def setup_optimizer(self, total_steps: int) -> None:
         master_bf16 = self.cfg.memory.master_weights == "bf16"
         if master_bf16:
-            if self.dtype != torch.bfloat16:
-                raise ConfigError(f"memory.master_weights=bf16 computes in bf16, but memory.precision resolved to "
-                                  f"{self.cfg.memory.precision} on this device: set master_weights=fp32 here")
+            if self.dtype == torch.float32:
+                raise ConfigError("memory.master_weights=bf16 computes in 16 bits, but memory.precision resolved to "
+                                  "fp32 on this device: set master_weights=fp32 here")
             for p in self.model.parameters():
                 if p.is_floating_point():
                     p.data = p.data.to(torch.bfloat16)  # the weights themselves: no fp32 master copy
+            if self.dtype == torch.float16:
+                compute_fp16_from_bf16(self.model)
         self.optimizer = InBackwardOptimizer(self.model, self.cfg.optim, self.device.type, self.optimizer_step,
                                              master_bf16=master_bf16)
         self.lr_fn = lr_lambda(total_steps, self.cfg.schedule)
@@ -195,6 +200,25 @@ class InBackwardBackend(TorchBackend):
         self.steps_done = state["steps_done"]
         if self.loss_scale and state["loss_scale"]:
             self.loss_scale.load_state_dict(state["loss_scale"])
+
+
+def compute_fp16_from_bf16(model: torch.nn.Module) -> None:
+    """bf16 weights on a GPU without bf16 math (T4, V100): autocast runs every matmul in fp16 from the bf16 weights
+    (a cast per use; a bf16 weight of normal magnitude is exact in fp16). Embedding lookups are not autocast ops,
+    so their bf16 outputs are cast to fp16 here: otherwise bf16 + fp16 would promote the residual stream to fp32.
+    LayerNorms run in fp32, as CUDA's autocast runs them (CPU autocast would meet fp16 inputs with bf16 weights, a
+    combination its kernel refuses). Gradients reach the weights in bf16 after fp16 loss scaling."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            module.register_forward_hook(lambda _m, _args, out: out.to(torch.float16))
+        elif isinstance(module, torch.nn.LayerNorm):
+            module.forward = types.MethodType(fp32_layer_norm, module)
+
+
+def fp32_layer_norm(module: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.layer_norm(x.float(), module.normalized_shape, module.weight.float(),
+                                              module.bias.float(), module.eps)
 
 
 def single_device_backend(cfg: RunConfig, dist_env: DistEnv, model: torch.nn.Module, total_steps: int,

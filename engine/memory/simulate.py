@@ -30,7 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from engine.backends.deepspeed_backend import load_user_ds_json, make_ds_config
 from engine.backends.torch_backend import single_device_backend
-from engine.config import GPT2_SIZES, RunConfig
+from engine.config import GPT2_SIZES, STATE_BYTES, RunConfig
 from engine.devices import resolve_precision
 from engine.distributed import DistEnv
 from engine.loss import lm_loss_sum
@@ -114,7 +114,7 @@ def zero_model_states(n_params: int, n_trainable: int, stage: int, world: int, p
     """
     half = precision in ("fp16", "bf16")
     n = max(world, 1)
-    K = 2 if optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
+    K = STATE_BYTES[optimizer]
     w = 2 if half else 4
     extra32 = 8 if half else 0  # fp32 master + fp32 grads
     params = n_params * w / (n if stage == 3 else 1)
@@ -196,9 +196,24 @@ class SimResult:
 
 
 def fake_step(optimizer) -> None:
-    """An optimizer step on fake tensors. bitsandbytes kernels cannot run on them: allocate its states exactly as
-    its first step does and skip the quantized math (which allocates nothing of size)."""
-    if not type(optimizer).__module__.startswith("bitsandbytes"):
+    """An optimizer step on fake tensors. bitsandbytes kernels and torchao's compiled step cannot run on them:
+    allocate their states exactly as their first step does and skip the quantized math (bitsandbytes' allocates
+    nothing of size; torchao's is one fused kernel per parameter)."""
+    module = type(optimizer).__module__
+    if module.startswith("torchao"):
+        from torchao.optim import subclass_4bit
+
+        with unset_fake_temporarily():  # the quantization maps are computed from values once (and cached)
+            subclass_4bit.get_qmap_signed(), subclass_4bit.get_qmap_unsigned()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state[p]
+                if p.grad is not None and len(state) == 0:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = optimizer._new_buffer(p, True)
+                    state["exp_avg_sq"] = optimizer._new_buffer(p, False)
+        return
+    if not module.startswith("bitsandbytes"):
         optimizer.step()
         return
     for gindex, group in enumerate(optimizer.param_groups):
