@@ -18,7 +18,7 @@ rm -f "$DEST"/*.whl
   --platform manylinux_2_24_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64 \
   --platform manylinux_2_35_x86_64 --platform any \
   -d "$DEST" \
-  "$(pin bitsandbytes)" "$(pin datasets)" "$(pin pydantic)" \
+  "$(pin bitsandbytes)" "$(pin torchao)" "$(pin datasets)" "$(pin pydantic)" \
   "pydantic-core==$("$PY" -c 'import pydantic_core; print(pydantic_core.__version__)')" \
   "annotated-types==$("$PY" -c 'import importlib.metadata as m; print(m.version("annotated-types"))')" \
   "typing-inspection==$("$PY" -c 'import importlib.metadata as m; print(m.version("typing-inspection"))')" \
