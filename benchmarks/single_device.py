@@ -15,7 +15,7 @@ no checkpointing) simulated with GPU kernels plus the GPU margin, against a 16 G
     .venv/bin/python benchmarks/single_device.py --model gpt2-xl [--steps 3] [--recipe NAME]
     .venv/bin/python benchmarks/single_device.py --model gpt2-large
 
-Recipes (`--recipe`): full (the T4 preset, default), lora, bf16_weights (the 8 GB preset: bf16 weights with
+Recipes (`--recipe`): full (the T4 preset, default), lora, qlora (LoRA over an NF4 base), bf16_weights (the 8 GB preset: bf16 weights with
 stochastic rounding, 8-bit AdamW), adamw_4bit and adafactor (the 8 GB preset with 4-bit AdamW or Adafactor).
 """
 
@@ -44,6 +44,7 @@ LORA = ["memory.optimizer_in_backward=false", "optim.name=adamw", "optim.grad_cl
 RECIPES = {
     "full": (LOW_MEMORY, []),
     "lora": (LOW_MEMORY, LORA),
+    "qlora": (LOW_MEMORY, LORA + ["memory.lora.quantize_base=nf4"]),
     "bf16_weights": (["--config", "gpt2-xl_full_8gb"], []),
     "adamw_4bit": (["--config", "gpt2-xl_full_8gb"], ["optim.name=adamw_4bit"]),
     "adafactor": (["--config", "gpt2-xl_full_8gb"], ["optim.name=adafactor"]),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import copy
 import json
 import os
 import random
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from engine.errors import EngineError
-from engine.model import unwrap
+from engine.model import merged_copy, unwrap
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -205,7 +204,7 @@ def export_model(model, tokenizer, out_dir: Path, merge_lora: bool = True) -> di
         if not merge_lora:
             return written
         # Merge into a CPU copy so the training model (and its adapters) is left as it was.
-        model = copy.deepcopy(model).cpu().merge_and_unload()
+        model = merged_copy(model)
     model_dir = out_dir / "model"
     base = unwrap(model, through_peft=True)
     use_cache = base.config.use_cache

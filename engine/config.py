@@ -95,6 +95,13 @@ class LoraConfig(Section):
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    quantize_base: Literal["none", "nf4"] = Field(
+        "none",
+        description="nf4: QLoRA (Dettmers et al. 2023). Every matmul weight of the frozen base (GPT-2's c_attn, c_proj, "
+        "c_fc) is stored in 4-bit NormalFloat with double quantization (bitsandbytes Linear4bit: ~0.52 B/param "
+        "instead of 2) and dequantized per use into the compute precision; the adapters train in full precision. "
+        "Embeddings and LayerNorms stay unquantized. The export merges the adapter into the dequantized base.",
+    )
 
 
 class FreezeConfig(Section):
@@ -398,6 +405,13 @@ def check_combinations(cfg: RunConfig) -> None:
         raise ValueError("memory.loss_chunk_size calls the LM head outside ZeRO-3's gather hooks: use zero_stage<=2 or unset it")
     if m.checkpoint_every_n_layers > 1 and not m.activation_checkpointing:
         raise ValueError("memory.checkpoint_every_n_layers is set but memory.activation_checkpointing=false: enable it or remove the key")
+    if m.lora.quantize_base != "none":
+        if not m.lora.enabled:
+            raise ValueError("memory.lora.quantize_base quantizes the frozen base under LoRA adapters: set "
+                             "memory.lora.enabled=true, or memory.lora.quantize_base=none")
+        if needs_deepspeed(m.zero_stage) or t.backend == "deepspeed":
+            raise ValueError("memory.lora.quantize_base (4-bit base weights) runs on the single-device torch backend: "
+                             "set memory.zero_stage=0 and train.backend=torch (or auto)")
     if m.lora.enabled and (m.freeze.embeddings or m.freeze.first_n_blocks):
         raise ValueError("memory.lora and memory.freeze are alternatives: LoRA already freezes every base weight; disable one")
     if cfg.model.init == "pretrained" and any(

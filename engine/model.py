@@ -7,11 +7,14 @@ benchmarks all run the same module graph:
 
 from __future__ import annotations
 
+import copy
+
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from engine.config import GPT2_CONTEXT, GPT2_SIZES, GPT2_VOCAB, RunConfig
 from engine.errors import ConfigError, ModelLoadError
@@ -155,6 +158,91 @@ def apply_freeze(model: nn.Module, embeddings: bool, first_n_blocks: int) -> Non
             p.requires_grad_(False)
 
 
+def quantize_base_4bit(model: nn.Module, compute_dtype: torch.dtype) -> int:
+    """QLoRA's base: every GPT-2 Conv1D (and nn.Linear other than the heads) becomes a bitsandbytes `Linear4bit`
+    holding its weight in NF4 with double quantization, quantized here on the host; returns the weights replaced.
+    Conv1D stores [in, out], Linear4bit [out, in]: transposed once. Biases stay as they are (frozen)."""
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, Conv1D):
+                continue
+            weight = child.weight.detach().t()  # [out, in]
+            out_f, in_f = weight.shape
+            with unset_fake_temporarily():  # (a no-op outside the simulator) the module itself, its weight set below
+                q = bnb.nn.Linear4bit(in_f, out_f, bias=child.bias is not None, compute_dtype=compute_dtype,
+                                      compress_statistics=True, quant_type="nf4", device="meta")
+            q.support_avx512bf16_for_cpu = False  # else an eval on such a CPU repacks the weight in place for inference
+            if is_fake(weight):
+                q.weight = fake_4bit_weight(weight.to("cpu", compute_dtype))
+            else:
+                q.weight = bnb.nn.Params4bit(weight.to(compute_dtype).contiguous(), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4", module=q)
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
+            setattr(parent, name, q if is_fake(weight) else q.to(weight.device))  # moving it is what quantizes it
+            n += weight.numel()
+    model.is_loaded_in_4bit = True  # what transformers sets for a 4-bit load; peft picks its 4-bit LoRA layer by it
+    return n
+
+
+def fake_4bit_weight(weight: torch.Tensor) -> nn.Parameter:
+    """The memory simulator's 4-bit weight (fake tensors): bitsandbytes' own quantize_4bit on the fake weight gives
+    the stored tensors' shapes (its constant maps are computed from values once, outside the fake mode)."""
+    import bitsandbytes as bnb
+
+    with unset_fake_temporarily(), torch.device("cpu"):  # (the simulator builds under the meta device)
+        bnb.functional.quantize_4bit(torch.zeros(64, dtype=weight.dtype), compress_statistics=True, quant_type="nf4")
+    packed, state = bnb.functional.quantize_4bit(weight, compress_statistics=True, quant_type="nf4")
+    p = nn.Parameter(packed, requires_grad=False)
+    # what Linear4bit.forward and peft's 4-bit LoRA layer read from a Params4bit
+    p.quant_state, p.compress_statistics, p.quant_type, p.blocksize = state, True, "nf4", state.blocksize
+    p.bnb_quantized, p.quant_storage = True, torch.uint8
+    return p
+
+
+def quant_state_tensors(p: torch.Tensor) -> list[torch.Tensor]:
+    """What a 4-bit weight keeps beside its packed values: block scales (themselves quantized with double
+    quantization, with their own scales) and the code tables."""
+    qs = getattr(p, "quant_state", None)
+    out = []
+    while qs is not None:
+        out += [t for t in (qs.absmax, qs.code, getattr(qs, "offset", None)) if isinstance(t, torch.Tensor)]
+        qs = getattr(qs, "state2", None)
+    return out
+
+
+def merged_copy(peft_model: nn.Module) -> nn.Module:
+    """A CPU copy of a LoRA model with its adapters merged, the training model left as it is. peft's merge, or for a
+    4-bit base (QLoRA) each Linear4bit dequantized into an fp32 Conv1D with the adapter's delta added: a plain GPT-2
+    again (peft's own 4-bit merge would quantize the merged weight back to 4 bits)."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+    from transformers.pytorch_utils import Conv1D
+
+    model = copy.deepcopy(peft_model).cpu()
+    base = unwrap(model, through_peft=True)
+    if not getattr(base, "is_loaded_in_4bit", False):
+        return model.merge_and_unload()
+    for parent in list(base.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoraLayer) and isinstance(child.get_base_layer(), bnb.nn.Linear4bit):
+                q = child.get_base_layer()
+                w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()  # [out, in]
+                for adapter in child.active_adapters:
+                    w += child.get_delta_weight(adapter).float()
+                conv = Conv1D(w.shape[0], w.shape[1])
+                conv.weight.data = w.t().contiguous()
+                if q.bias is not None:
+                    conv.bias.data = q.bias.detach().float()
+                setattr(parent, name, conv)
+    base.is_loaded_in_4bit = False
+    return base
+
+
 def apply_lora(model: nn.Module, cfg: RunConfig, extra_trainable: list[str] | None = None,
                new_token_ids: list[int] | None = None) -> nn.Module:
     from peft import LoraConfig, get_peft_model
@@ -165,7 +253,8 @@ def apply_lora(model: nn.Module, cfg: RunConfig, extra_trainable: list[str] | No
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
         target_modules=list(lc.target_modules),
-        fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as [in, out]
+        # GPT-2's Conv1D stores weights as [in, out]; QLoRA's Linear4bit stores [out, in] like nn.Linear.
+        fan_in_fan_out=lc.quantize_base == "none",
         bias="none",
         # SEQ_CLS: peft adds the classification head ("score") to modules_to_save, so it trains in full and is saved.
         task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM",
@@ -206,6 +295,8 @@ def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int | No
     if mem.activation_checkpointing:
         apply_activation_checkpointing(model, mem.checkpoint_every_n_layers)
     if mem.lora.enabled:
+        if mem.lora.quantize_base == "nf4":
+            quantize_base_4bit(model, DTYPES[mem.precision] if mem.precision in DTYPES else torch.float32)
         model = apply_lora(model, cfg, new_token_ids=new_ids)
     elif mem.freeze.embeddings or mem.freeze.first_n_blocks:
         apply_freeze(model, mem.freeze.embeddings, mem.freeze.first_n_blocks)
@@ -233,6 +324,8 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
             continue
         seen.add(id(p))
         n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        if getattr(p, "quant_state", None) is not None:  # a 4-bit weight: two values per stored byte
+            n = p.quant_state.shape.numel()
         total += n
         if p.requires_grad:
             trainable += n

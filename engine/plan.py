@@ -85,6 +85,9 @@ class Strategy:
     offload_optimizer: bool = False
     offload_params: bool = False
     in_backward: bool = False
+    # Among equally fast candidates, the one closest to AdamW's quality wins: 0 for AdamW and 8-bit AdamW, then
+    # 4-bit AdamW, then Adafactor (benchmarks/quality.py measures the gaps).
+    quality_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,15 +125,18 @@ def strategies(req: Request) -> list[Strategy]:
     inb = ("memory.optimizer_in_backward=true", "optim.grad_clip=null")
     off = ("optim.name=cpu_adam", "memory.offload_optimizer=true")
     if req.gpus == 1:
-        # bf16 weights (no fp32 master copy) need bf16 compute: offered on GPUs that have it.
-        bf16_weights = [Strategy("AdamW8bit, in-backward, bf16 weights",
-                                 ("optim.name=adamw_8bit", *inb, "memory.master_weights=bf16"), in_backward=True)]
+        # bf16 weights (no fp32 master copy): bf16 compute, or fp16 compute from the bf16 weights without bf16 math.
+        bf16 = (*inb, "memory.master_weights=bf16")
         return [
             Strategy("AdamW", ("optim.name=adamw",)),
             Strategy("AdamW8bit", ("optim.name=adamw_8bit",)),
             Strategy("AdamW, in-backward", ("optim.name=adamw",) + inb, in_backward=True),
             Strategy("AdamW8bit, in-backward", ("optim.name=adamw_8bit",) + inb, in_backward=True),
-            *(bf16_weights if req.gpu.bf16 else []),
+            Strategy("AdamW8bit, in-backward, bf16 weights", ("optim.name=adamw_8bit", *bf16), in_backward=True),
+            Strategy("AdamW4bit, in-backward, bf16 weights", ("optim.name=adamw_4bit", *bf16), in_backward=True,
+                     quality_rank=1),
+            Strategy("Adafactor, in-backward, bf16 weights", ("optim.name=adafactor", *bf16), in_backward=True,
+                     quality_rank=2),
             Strategy("ZeRO-2 + optimizer offload", off + ("memory.zero_stage=2",), 2, offload_optimizer=True),
             Strategy("ZeRO-3 + optimizer/param offload", off + ("memory.zero_stage=3", "memory.offload_params=true"),
                      3, offload_optimizer=True, offload_params=True),
@@ -278,11 +284,12 @@ def evaluate(req: Request, s: Strategy, a: ActivationChoice, figs: Figures, info
 
 
 def choose(rows: list[Row]) -> Row | None:
-    """The fastest fitting row; ties go to the larger micro-batch (better GPU utilisation, not modelled)."""
+    """The fastest fitting row; ties go to the better optimizer (`quality_rank`), then the larger micro-batch (better
+    GPU utilisation, not modelled)."""
     fitting = [r for r in rows if r.fits]
     if not fitting:
         return None
-    return min(fitting, key=lambda r: (round(r.relative_time, 12), -r.micro))
+    return min(fitting, key=lambda r: (round(r.relative_time, 12), r.strategy.quality_rank, -r.micro))
 
 
 def normalise_times(rows: list[Row]) -> None:

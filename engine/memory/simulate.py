@@ -240,6 +240,8 @@ def fake_model(cfg: RunConfig, dtype: torch.dtype | None = None) -> torch.nn.Mod
                 dt = dtype if (dtype is not None and p.is_floating_point()) else p.dtype
                 made[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=dt, device="cpu"),
                                                  requires_grad=p.requires_grad)
+                if getattr(p, "quant_state", None) is not None:  # a 4-bit weight (already fake, on the CPU)
+                    made[id(p)].quant_state = p.quant_state
             module._parameters[name] = made[id(p)]
         for name, b in list(module._buffers.items()):
             if b is not None:

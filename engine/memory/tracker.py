@@ -30,7 +30,7 @@ from torch.optim.optimizer import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from engine.model import unwrap
+from engine.model import quant_state_tensors, unwrap
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries", "other")
 CUDA_BLOCK = 512  # the caching allocator rounds every block up to 512 bytes
@@ -125,6 +125,8 @@ class MemoryTracker(TorchDispatchMode):
     def track_model(self, model: torch.nn.Module) -> None:
         for p in model.parameters():
             self._retag(p, "parameters")
+            for t in quant_state_tensors(p):  # a 4-bit weight's block scales
+                self._retag(t, "parameters")
             if p.grad is not None:
                 self._retag(p.grad, "gradients")
             if p.requires_grad:
