@@ -44,7 +44,7 @@ LORA = ["memory.optimizer_in_backward=false", "optim.name=adamw", "optim.grad_cl
 RECIPES = {
     "full": (LOW_MEMORY, []),
     "lora": (LOW_MEMORY, LORA),
-    "qlora": (LOW_MEMORY, LORA + ["memory.lora.quantize_base=nf4"]),
+    "qlora": (["--config", "gpt2-xl_qlora_4gb"], LORA + ["memory.lora.quantize_base=nf4", "train.global_batch_size=null"]),
     "bf16_weights": (["--config", "gpt2-xl_full_8gb"], []),
     "adamw_4bit": (["--config", "gpt2-xl_full_8gb"], ["optim.name=adamw_4bit"]),
     "adafactor": (["--config", "gpt2-xl_full_8gb"], ["optim.name=adafactor"]),
@@ -76,8 +76,8 @@ def main() -> None:
 
     name = f"{args.model}_{FILE_NAMES.get(args.recipe, args.recipe)}"
     preset, extra = RECIPES[args.recipe]
-    bf16_weights = preset[1] != LOW_MEMORY[1]  # those presets compute in bf16 (this CPU has it, or it is emulated)
-    common = [o for o in COMMON if not (bf16_weights and o.startswith("memory.precision="))]
+    bf16_weights = preset[1] != LOW_MEMORY[1]  # those presets compute in 16 bits: bf16 here (native or emulated)
+    common = [o if not (bf16_weights and o.startswith("memory.precision=")) else "memory.precision=bf16" for o in COMMON]
     overrides = common + [f"model.name={args.model}"] + extra
     cfg = cfg_from(preset + overrides)
     row: dict = {"config": name, "overrides": overrides, "preset": preset[1]}
@@ -91,7 +91,8 @@ def main() -> None:
     # The GPU figure for the engine's configuration is its T4 form: fp16 autocast over the same fp32 masters.
     gpu_cfg = cfg_from(preset + overrides + ["memory.precision=fp16"] * (args.recipe == "full"))
     gpu = simulate(gpu_cfg, kernel="cuda", steps=2)
-    base = simulate(cfg_from(LOW_MEMORY + overrides + BASELINE_RECIPE), kernel="cuda", steps=2)
+    plain = [o for o in overrides if not o.startswith("memory.lora.quantize_base")]  # the baseline has no LoRA
+    base = simulate(cfg_from(LOW_MEMORY + plain + BASELINE_RECIPE), kernel="cuda", steps=2)
     t4 = GPUS["t4"].memory_bytes
     row.update(
         engine_on_t4_simulated_with_margin_gib=round(gpu.with_gpu_margin() / GIB, 3),

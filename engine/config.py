@@ -100,7 +100,9 @@ class LoraConfig(Section):
         description="nf4: QLoRA (Dettmers et al. 2023). Every matmul weight of the frozen base (GPT-2's c_attn, c_proj, "
         "c_fc) is stored in 4-bit NormalFloat with double quantization (bitsandbytes Linear4bit: ~0.52 B/param "
         "instead of 2) and dequantized per use into the compute precision; the adapters train in full precision. "
-        "Embeddings and LayerNorms stay unquantized. The export merges the adapter into the dequantized base.",
+        "Embeddings and LayerNorms stay unquantized; with 16-bit compute the frozen embeddings are stored in it "
+        "(memory.frozen_weights_16bit), so the residual stream runs in 16 bits. The export merges the adapter into "
+        "the dequantized base.",
     )
 
 

@@ -73,9 +73,14 @@ def from_pretrained(load, name: str, hub_hint: str = "pass a local folder instea
 
 
 def storage_dtype(cfg: RunConfig) -> torch.dtype:
-    """The dtype the weights are kept in: bf16 with memory.master_weights=bf16, else fp32 (the backend applies the
-    compute precision). The model is built in it directly, so no fp32 copy of a bf16 model ever exists on the host."""
-    return torch.bfloat16 if cfg.memory.master_weights == "bf16" else torch.float32
+    """The dtype the model is built in: bf16 with memory.master_weights=bf16; the 16-bit compute precision for a QLoRA
+    base (about to be quantized: no fp32 copy of gpt2-xl on the host first); else fp32 (the backend applies the
+    compute precision). Built in it directly, so no fp32 copy of a 16-bit model ever exists on the host."""
+    if cfg.memory.master_weights == "bf16":
+        return torch.bfloat16
+    if cfg.memory.lora.enabled and cfg.memory.lora.quantize_base != "none" and cfg.memory.precision in ("fp16", "bf16"):
+        return DTYPES[cfg.memory.precision]
+    return torch.float32
 
 
 def load_base_model(cfg: RunConfig, vocab_size: int) -> nn.Module:
@@ -298,6 +303,9 @@ def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int | No
         if mem.lora.quantize_base == "nf4":
             quantize_base_4bit(model, DTYPES[mem.precision] if mem.precision in DTYPES else torch.float32)
         model = apply_lora(model, cfg, new_token_ids=new_ids)
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()  # adapters (and a classifier head) train in fp32 over a 16-bit-built base
     elif mem.freeze.embeddings or mem.freeze.first_n_blocks:
         apply_freeze(model, mem.freeze.embeddings, mem.freeze.first_n_blocks)
     if mem.activation_checkpointing and (mem.lora.enabled or mem.freeze.embeddings):
@@ -332,18 +340,25 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"total": total, "trainable": trainable}
 
 
-def cast_frozen_matmul_weights(model: nn.Module, dtype: torch.dtype) -> int:
+def cast_frozen_matmul_weights(model: nn.Module, dtype: torch.dtype, embeddings: bool = False) -> int:
     """Store frozen Linear/Conv1D weights and biases in `dtype`; returns the parameters cast.
 
     Under autocast these are cast to `dtype` at every use anyway (addmm/linear are autocast-to-16-bit ops), so
     keeping them in 16-bit changes no result. Embedding weights (also the tied LM head) and LayerNorm stay fp32:
-    they feed fp32 paths (the residual stream, layer_norm), where 16-bit storage would change results.
+    they feed fp32 paths (the residual stream, layer_norm), where 16-bit storage would change results. With
+    `embeddings` (QLoRA) frozen embeddings are cast too: the residual stream then runs in 16 bits, and the tied LM
+    head needs no 16-bit copy of the embedding per use.
     """
     from transformers.pytorch_utils import Conv1D
 
     embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     n = 0
     for m in model.modules():
+        if embeddings and isinstance(m, nn.Embedding):
+            for p in m.parameters(recurse=False):
+                if not p.requires_grad and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+                    n += p.numel()
         if isinstance(m, (nn.Linear, Conv1D)):
             for name, p in m.named_parameters(recurse=False):
                 if not p.requires_grad and p.is_floating_point() and id(p) not in embedding_params and p.dtype != dtype:

@@ -91,13 +91,19 @@ def test_incompatible_settings_are_rejected(corpus, tmp_path, memory, message):
         validate_dict(tiny_overrides(corpus, tmp_path / "r", memory=memory, optim=NO_CLIP))
 
 
-def test_the_planner_offers_bf16_weights_on_bf16_gpus_only():
+def test_the_planner_offers_bf16_weights_on_every_gpu():
+    """bf16 compute where the GPU has it, fp16 compute from the bf16 weights on a T4: both valid configurations."""
+    from engine.config import load_config
     from engine.memory.gpus import GPUS
-    from engine.plan import Request, strategies
+    from engine.plan import Request, activation_choices, config_overrides, strategies
 
-    names = lambda gpu: [s.name for s in strategies(Request(gpu=GPUS[gpu]))]  # noqa: E731
-    assert any("bf16 weights" in n for n in names("a100-40g"))
-    assert not any("bf16 weights" in n for n in names("t4"))
+    for gpu, precision in (("a100-40g", "bf16"), ("t4", "fp16")):
+        req = Request(gpu=GPUS[gpu])
+        bf16 = [s for s in strategies(req) if "bf16 weights" in s.name]
+        assert len(bf16) == 3  # 8-bit, 4-bit AdamW, Adafactor
+        for s in bf16:
+            cfg = load_config(None, ["model.init=random", *config_overrides(req, s, activation_choices(s)[0], 1, 1)])
+            assert (cfg.memory.master_weights, cfg.memory.precision) == ("bf16", precision)
 
 
 def test_large_weights_step_in_pieces_with_the_same_result(corpus, tmp_path, monkeypatch):

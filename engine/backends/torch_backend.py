@@ -47,7 +47,7 @@ class TorchBackend(Backend):
         if any(p.device != self.device for p in model.parameters()):
             model = model.to(self.device)
         if cfg.memory.precision != "fp32" and cfg.memory.frozen_weights_16bit:
-            cast_frozen_matmul_weights(model, self.dtype)
+            cast_frozen_matmul_weights(model, self.dtype, embeddings=cfg.memory.lora.quantize_base != "none")
         self.model = model
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
