@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from engine.commands import COMMANDS, add_parser
+from engine.devices import return_freed_host_memory
 from engine.errors import EngineError
 
 LIBRARY_LOGGERS = ("bitsandbytes", "deepspeed", "DeepSpeed", "transformers", "peft", "datasets", "torch", "accelerate",
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser()[0].print_help()
         return 0
     _quiet_libraries()
+    return_freed_host_memory()
     try:
         with library_notices_to_file(library_log_path()):
             return args.run(args)

@@ -7,6 +7,8 @@ avx512-bf16 and multiply bf16 matrices several times faster than fp32, most do n
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +17,28 @@ from engine.errors import ConfigError
 
 # CPU features with which bf16 matmuls run natively (oneDNN's AMX tiles or AVX512-BF16 dot products).
 CPU_BF16_FEATURES = ("amx_bf16", "avx512_bf16")
+
+
+# glibc's mallopt parameter: blocks of at least this many bytes are mmapped (and unmapped when freed).
+M_MMAP_THRESHOLD = -3
+HOST_MMAP_THRESHOLD = 1 << 20
+
+
+def return_freed_host_memory() -> bool:
+    """Make freed host blocks of 1 MiB and more go back to the OS at once (Linux, glibc).
+
+    glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), after which blocks of
+    that size come from the heap and stay with the process when freed: host RAM then holds every size of temporary
+    a step ever freed. That was the gap between tracked tensors and process RSS: a gpt2-medium step (bf16 weights,
+    Adafactor in backward) measured 3.85 GiB peak RSS for 1.12 GiB of tensors, 1.57 GiB with the threshold fixed at
+    1 MiB; a gpt2 step 1.80 -> 0.99 GiB, step time unchanged (25.9 vs 26.0 s). A fixed threshold turns the
+    adjustment off. Returns whether it was set (False on other platforms or C libraries)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 def pick_device(pref: str) -> torch.device:

@@ -85,8 +85,8 @@ class Strategy:
     offload_optimizer: bool = False
     offload_params: bool = False
     in_backward: bool = False
-    # Among equally fast candidates, the one closest to AdamW's quality wins: 0 for AdamW and 8-bit AdamW, then
-    # 4-bit AdamW, then Adafactor (benchmarks/quality.py measures the gaps).
+    # Among equally fast candidates, the one closest to fp32 AdamW wins: 0 AdamW (fp32 weights), 1 8-bit AdamW,
+    # 2 bf16 weights with 8-bit AdamW, 3 with 4-bit AdamW, 4 Adafactor (benchmarks/quality.py measures the gaps).
     quality_rank: int = 0
 
 
@@ -117,11 +117,11 @@ class Row:
 
 def strategies(req: Request) -> list[Strategy]:
     if req.lora:
-        out = [Strategy("LoRA r16, AdamW", ("optim.name=adamw", "memory.lora.enabled=true", "memory.lora.r=16",
-                                            "memory.lora.alpha=32"))]
+        lora = ("optim.name=adamw", "memory.lora.enabled=true", "memory.lora.r=16", "memory.lora.alpha=32")
         if req.gpus > 1:
-            out = [Strategy("LoRA r16, AdamW, ZeRO-2", out[0].overrides + ("memory.zero_stage=2",), zero_stage=2)]
-        return out
+            return [Strategy("LoRA r16, AdamW, ZeRO-2", lora + ("memory.zero_stage=2",), zero_stage=2)]
+        return [Strategy("LoRA r16, AdamW", lora),
+                Strategy("QLoRA r16 (NF4 base), AdamW", lora + ("memory.lora.quantize_base=nf4",), quality_rank=1)]
     inb = ("memory.optimizer_in_backward=true", "optim.grad_clip=null")
     off = ("optim.name=cpu_adam", "memory.offload_optimizer=true")
     if req.gpus == 1:
@@ -129,14 +129,15 @@ def strategies(req: Request) -> list[Strategy]:
         bf16 = (*inb, "memory.master_weights=bf16")
         return [
             Strategy("AdamW", ("optim.name=adamw",)),
-            Strategy("AdamW8bit", ("optim.name=adamw_8bit",)),
+            Strategy("AdamW8bit", ("optim.name=adamw_8bit",), quality_rank=1),
             Strategy("AdamW, in-backward", ("optim.name=adamw",) + inb, in_backward=True),
-            Strategy("AdamW8bit, in-backward", ("optim.name=adamw_8bit",) + inb, in_backward=True),
-            Strategy("AdamW8bit, in-backward, bf16 weights", ("optim.name=adamw_8bit", *bf16), in_backward=True),
-            Strategy("AdamW4bit, in-backward, bf16 weights", ("optim.name=adamw_4bit", *bf16), in_backward=True,
-                     quality_rank=1),
-            Strategy("Adafactor, in-backward, bf16 weights", ("optim.name=adafactor", *bf16), in_backward=True,
+            Strategy("AdamW8bit, in-backward", ("optim.name=adamw_8bit",) + inb, in_backward=True, quality_rank=1),
+            Strategy("AdamW8bit, in-backward, bf16 weights", ("optim.name=adamw_8bit", *bf16), in_backward=True,
                      quality_rank=2),
+            Strategy("AdamW4bit, in-backward, bf16 weights", ("optim.name=adamw_4bit", *bf16), in_backward=True,
+                     quality_rank=3),
+            Strategy("Adafactor, in-backward, bf16 weights", ("optim.name=adafactor", *bf16), in_backward=True,
+                     quality_rank=4),
             Strategy("ZeRO-2 + optimizer offload", off + ("memory.zero_stage=2",), 2, offload_optimizer=True),
             Strategy("ZeRO-3 + optimizer/param offload", off + ("memory.zero_stage=3", "memory.offload_params=true"),
                      3, offload_optimizer=True, offload_params=True),

@@ -37,7 +37,7 @@ from engine.checkpoint import (
 from engine.classification import load_classification_splits
 from engine.config import RunConfig, config_to_yaml
 from engine.data import StepSampler, eval_batches, load_splits
-from engine.devices import pick_device, resolve_precision
+from engine.devices import pick_device, resolve_precision, return_freed_host_memory
 from engine.distributed import DistEnv, dist_env
 from engine.early_stopping import EarlyStopping
 from engine.errors import EngineError
@@ -447,6 +447,7 @@ def dry_run(cfg: RunConfig) -> dict:
 def run_training(cfg: RunConfig) -> dict:
     """`engine train`: the whole run; returns its summary (or, when a stop signal ended it, where it was saved)."""
     env = dist_env()
+    return_freed_host_memory()  # host RAM tracks the live tensors, not every temporary ever freed
     torch.manual_seed(cfg.train.seed)
     # SIGTERM/SIGINT during the run: finish the step, save, return (exit 0); handlers restored afterwards.
     with StopSignal() as stop:

@@ -75,3 +75,36 @@ def test_fake_tensors_track_the_same_peak_as_real(ckpt):
         peaks.append(mt.peak)
         assert mt.peak_breakdown["optimizer"] == pytest.approx(2 * mt.peak_breakdown["parameters"], rel=0.01)
     assert peaks[1] == pytest.approx(peaks[0], rel=0.01)
+
+
+
+MMAP_PROBE = """
+import ctypes, sys
+from engine.devices import return_freed_host_memory
+if sys.argv[1] == "fixed":
+    assert return_freed_host_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free(ctypes.c_void_p(libc.malloc(16 << 20)))  # a freed 16 MiB block: glibc raises its threshold to 16 MiB
+block = libc.malloc(2 << 20)
+size_field = ctypes.c_size_t.from_address(block - ctypes.sizeof(ctypes.c_size_t)).value
+print(bool(size_field & 0x2))  # IS_MMAPPED: unmapped (returned to the OS) when freed
+"""
+
+
+def test_freed_host_blocks_go_back_to_the_os():
+    """glibc's adjustment keeps a 2 MiB block in the heap after a 16 MiB one was freed (so freed temporaries stay
+    in the process: benchmarks measured 3.85 -> 1.57 GiB peak RSS on a gpt2-medium step once it is off); with the
+    engine's fixed 1 MiB threshold the block is mmapped, and unmapped when freed."""
+    import platform
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the setting is glibc's")
+    from conftest import ROOT
+
+    probe = lambda mode: subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], cwd=ROOT, capture_output=True,  # noqa: E731
+                                        text=True, check=True).stdout.strip()
+    assert probe("default") == "False"
+    assert probe("fixed") == "True"

@@ -15,7 +15,7 @@ import torch
 
 from engine.backends import make_backend
 from engine.config import GPT2_SIZES, RunConfig
-from engine.devices import pick_device, resolve_precision
+from engine.devices import pick_device, resolve_precision, return_freed_host_memory
 from engine.distributed import DistEnv
 from engine.memory.meter import peak_rss_bytes
 from engine.memory.tracker import MemoryTracker
@@ -87,6 +87,7 @@ def build_for(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
 def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True) -> Measurement:
     """Run `steps` real optimizer steps of `cfg` on one device (either backend, one process) and measure them
     (`memory.precision: auto` is resolved for the device, as `engine train` does)."""
+    return_freed_host_memory()  # peak RSS then follows the tensors (see its docstring)
     device = pick_device(cfg.train.device)
     precision, _ = resolve_precision(cfg.memory.precision, device)
     cfg = cfg.updated({"memory.precision": precision})
