@@ -5,11 +5,11 @@ fine-tuned on another (benchmarks/data/docs: technical prose from Python's docst
 steps, tokens, schedule, data order and seeds. Reported per recipe: final validation loss and perplexity (mean and
 spread over the seeds), the gap to the reference's loss, whether it is within 2%, tokens/s on this machine.
 
-    .venv/bin/python benchmarks/quality.py                      # 4-layer 256-wide model, 3 seeds (~40 min, 2 cores)
+    .venv/bin/python benchmarks/quality.py                      # 4-layer 128-wide model, 3 seeds (~35 min, 2 cores)
     .venv/bin/python benchmarks/quality.py --size gpt2-medium   # gpt2-medium, random init, 1 seed, fewer steps
 
 `--size gpt2-medium` cannot pretrain a 355M model on a CPU in useful time: it fine-tunes the random-init
-architecture directly on the docs domain (1 seed, --steps 40 by default), which compares the recipes' optimisation
+architecture directly on the docs domain (1 seed, --steps 30 by default), which compares the recipes' optimisation
 at that size, not their effect on a pretrained model. Results: benchmarks/results/quality/<size>/.
 
 Recipes (each one setting of the engine; RECIPES below):
@@ -55,9 +55,9 @@ RECIPES = {
 }
 SIZES = {
     # size: (model overrides, micro-batch, pretrain steps, fine-tune steps, lr, seeds)
-    "small": (["model.name=gpt2", "model.n_layer=4", "model.n_embd=256", "model.n_head=4", "model.n_positions=128"],
-              8, 600, 300, 3e-4, [1, 2, 3]),
-    "gpt2-medium": (["model.name=gpt2-medium", "model.n_positions=128"], 4, 0, 40, 1e-4, [1]),
+    "small": (["model.name=gpt2", "model.n_layer=4", "model.n_embd=128", "model.n_head=4", "model.n_positions=128"],
+              8, 300, 150, 5e-4, [1, 2, 3]),
+    "gpt2-medium": (["model.name=gpt2-medium", "model.n_positions=128"], 4, 0, 30, 1e-4, [1]),
 }
 BLOCK = 128
 

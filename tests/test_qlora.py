@@ -19,7 +19,7 @@ QLORA = {"lora": {"enabled": True, "quantize_base": "nf4"}}
 
 def test_qlora_trains_like_lora(corpus, tmp_path):
     """30 steps at lr 1e-3: final loss within 1% of LoRA over the unquantized base (NF4 rounding of the frozen
-    weights is the only difference; measured: 10.581 both, bf16 compute)."""
+    weights is the only difference; measured on this CPU: LoRA 10.6050, QLoRA 10.6051)."""
     _, lora = run_inprocess(corpus, tmp_path / "lora", model=WIDE, memory={"lora": {"enabled": True}},
                             train={"max_steps": 30})
     _, qlora = run_inprocess(corpus, tmp_path / "qlora", model=WIDE, memory=QLORA, train={"max_steps": 30})
