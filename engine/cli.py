@@ -8,58 +8,16 @@ console carries what the user can act on.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 
 from engine.commands import COMMANDS, add_parser
 from engine.devices import return_freed_host_memory
 from engine.errors import EngineError
-
-LIBRARY_LOGGERS = ("bitsandbytes", "deepspeed", "DeepSpeed", "transformers", "peft", "datasets", "torch", "accelerate",
-                   "py.warnings")
-
-
-def library_log_path() -> Path:
-    """Where the libraries' own notices go: $ENGINE_LOG, else engine.log in the engine's cache folder."""
-    if os.environ.get("ENGINE_LOG"):
-        return Path(os.environ["ENGINE_LOG"])
-    return Path(os.environ.get("ENGINE_CACHE", Path.home() / ".cache" / "gpt2-memengine")) / "engine.log"
-
-
-@contextlib.contextmanager
-def library_notices_to_file(path: Path):
-    """Route the libraries' logging (and Python warnings) to `path` for the duration; restore everything after."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(path, mode="a", encoding="utf-8", delay=True)
-    except OSError:
-        handler = logging.NullHandler()  # no writable log folder: the notices are dropped, never printed
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    saved = [(name, logging.getLogger(name).handlers[:], logging.getLogger(name).propagate) for name in LIBRARY_LOGGERS]
-    for name in LIBRARY_LOGGERS:
-        lg = logging.getLogger(name)
-        for h in lg.handlers[:]:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                lg.removeHandler(h)  # the library's own console handler (DeepSpeed installs one)
-        lg.addHandler(handler)
-        lg.propagate = False
-    logging.captureWarnings(True)
-    try:
-        yield path
-    finally:
-        logging.captureWarnings(False)
-        for name, handlers, propagate in saved:
-            lg = logging.getLogger(name)
-            lg.handlers[:] = handlers
-            lg.propagate = propagate
-        handler.close()
-
+from engine.notices import library_log_path, library_notices_to_file
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

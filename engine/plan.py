@@ -36,6 +36,7 @@ from engine.errors import ConfigError
 from engine.memory.gpus import GPU, GPUS
 from engine.memory.measure import flops_per_token
 from engine.memory.simulate import GPU_OVERHEAD, simulate_deep
+from engine.notices import library_log_path, workers_log_to
 
 GIB = 2**30
 VOCAB = 50257
@@ -88,6 +89,19 @@ class Strategy:
     # Among equally fast candidates, the one closest to fp32 AdamW wins: 0 AdamW (fp32 weights), 1 8-bit AdamW,
     # 2 bf16 weights with 8-bit AdamW, 3 with 4-bit AdamW, 4 Adafactor (benchmarks/quality.py measures the gaps).
     quality_rank: int = 0
+    quality: str = ""  # its measured quality gap (QUALITY), printed with a recommendation
+
+
+# Final validation loss of each recipe against the fp32-master AdamW reference, measured by benchmarks/quality.py
+# (a 4-layer GPT-2 pretrained by the engine on the sample corpus, fine-tuned 150 steps on Python docstrings, mean
+# of 3 seeds, on the project's 2-core AMD EPYC CPU; benchmarks/results/quality/small/results.md).
+QUALITY_GAP_PCT: dict[str, float] = {}
+
+
+def quality_note(recipe: str) -> str:
+    gap = QUALITY_GAP_PCT.get(recipe)
+    return "" if gap is None else (f"final validation loss {gap:+.2f}% vs fp32-master AdamW "
+                                   "(benchmarks/quality.py, small GPT-2, 3 seeds)")
 
 
 @dataclass(frozen=True)
@@ -120,8 +134,9 @@ def strategies(req: Request) -> list[Strategy]:
         lora = ("optim.name=adamw", "memory.lora.enabled=true", "memory.lora.r=16", "memory.lora.alpha=32")
         if req.gpus > 1:
             return [Strategy("LoRA r16, AdamW, ZeRO-2", lora + ("memory.zero_stage=2",), zero_stage=2)]
-        return [Strategy("LoRA r16, AdamW", lora),
-                Strategy("QLoRA r16 (NF4 base), AdamW", lora + ("memory.lora.quantize_base=nf4",), quality_rank=1)]
+        return [Strategy("LoRA r16, AdamW", lora, quality=quality_note("lora")),
+                Strategy("QLoRA r16 (NF4 base), AdamW", lora + ("memory.lora.quantize_base=nf4",), quality_rank=1,
+                         quality=quality_note("qlora"))]
     inb = ("memory.optimizer_in_backward=true", "optim.grad_clip=null")
     off = ("optim.name=cpu_adam", "memory.offload_optimizer=true")
     if req.gpus == 1:
@@ -131,13 +146,14 @@ def strategies(req: Request) -> list[Strategy]:
             Strategy("AdamW", ("optim.name=adamw",)),
             Strategy("AdamW8bit", ("optim.name=adamw_8bit",), quality_rank=1),
             Strategy("AdamW, in-backward", ("optim.name=adamw",) + inb, in_backward=True),
-            Strategy("AdamW8bit, in-backward", ("optim.name=adamw_8bit",) + inb, in_backward=True, quality_rank=1),
+            Strategy("AdamW8bit, in-backward", ("optim.name=adamw_8bit",) + inb, in_backward=True, quality_rank=1,
+                     quality=quality_note("adamw_8bit_inb")),
             Strategy("AdamW8bit, in-backward, bf16 weights", ("optim.name=adamw_8bit", *bf16), in_backward=True,
-                     quality_rank=2),
+                     quality_rank=2, quality=quality_note("bf16_8bit")),
             Strategy("AdamW4bit, in-backward, bf16 weights", ("optim.name=adamw_4bit", *bf16), in_backward=True,
-                     quality_rank=3),
+                     quality_rank=3, quality=quality_note("bf16_4bit")),
             Strategy("Adafactor, in-backward, bf16 weights", ("optim.name=adafactor", *bf16), in_backward=True,
-                     quality_rank=4),
+                     quality_rank=4, quality=quality_note("bf16_adafactor")),
             Strategy("ZeRO-2 + optimizer offload", off + ("memory.zero_stage=2",), 2, offload_optimizer=True),
             Strategy("ZeRO-3 + optimizer/param offload", off + ("memory.zero_stage=3", "memory.offload_params=true"),
                      3, offload_optimizer=True, offload_params=True),
@@ -315,29 +331,31 @@ def gather_figures(req: Request, progress=None, workers: int | None = None, ever
     accumulating = req.global_batch is not None and any(acc > 1 for _, acc in micro_batches(req, False))
     acc = {s.name: accumulating and not s.in_backward for s, _ in combos}
     workers = workers or max(1, min(4, os.cpu_count() or 1))
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
-    run = pool.map if pool else map
-    try:
-        first = list(run(_phases_job, [(req, s, a, 1, acc[s.name]) for s, a in combos]))
-        need2 = []
-        for (s, a), (phases, _) in zip(combos, first):
-            pairs = micro_batches(req, s.in_backward)
-            fits1 = with_margin(max(p for p, _ in phases.values())) <= req.gpu.memory_bytes
-            need2.append(every_micro or (bool(pairs) and (pairs[0][0] > 1 or (fits1 and len(pairs) > 1))))
-            if progress and not need2[-1]:
-                progress(s, a)
-        jobs2 = [(req, s, a, 2, acc[s.name]) for (s, a), n in zip(combos, need2) if n]
-        second = iter(run(_phases_job, jobs2))
-        out = []
-        for (s, a), (phases, info), n in zip(combos, first, need2):
-            two = next(second)[0] if n else {}
-            if n and progress:
-                progress(s, a)
-            figs = {k: (phases[k], two[k] if n else None) for k in phases if not n or k in two}
-            out.append({"strategy": s.name, "activations": a.name, "figures": figs, "info": info})
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
+    # Worker processes send their stderr (the libraries' import-time notices) to the engine's log (notices.py).
+    with workers_log_to(library_log_path()):
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
+        run = pool.map if pool else map
+        try:
+            first = list(run(_phases_job, [(req, s, a, 1, acc[s.name]) for s, a in combos]))
+            need2 = []
+            for (s, a), (phases, _) in zip(combos, first):
+                pairs = micro_batches(req, s.in_backward)
+                fits1 = with_margin(max(p for p, _ in phases.values())) <= req.gpu.memory_bytes
+                need2.append(every_micro or (bool(pairs) and (pairs[0][0] > 1 or (fits1 and len(pairs) > 1))))
+                if progress and not need2[-1]:
+                    progress(s, a)
+            jobs2 = [(req, s, a, 2, acc[s.name]) for (s, a), n in zip(combos, need2) if n]
+            second = iter(run(_phases_job, jobs2))
+            out = []
+            for (s, a), (phases, info), n in zip(combos, first, need2):
+                two = next(second)[0] if n else {}
+                if n and progress:
+                    progress(s, a)
+                figs = {k: (phases[k], two[k] if n else None) for k in phases if not n or k in two}
+                out.append({"strategy": s.name, "activations": a.name, "figures": figs, "info": info})
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
     return out
 
 
@@ -380,7 +398,7 @@ def write_config(req: Request, row: Row, path) -> None:
         f"# Predicted (simulated) peak per GPU {row.gpu_bytes / GIB:.2f} GiB incl. the GPU margin; host RAM "
         f"{row.host_bytes / GIB:.1f} GiB (modelled); relative step time x{row.relative_time:.2f} (modelled).",
         "# Give your data with data.train_file=... (unset: the shipped sample corpus).",
-    ]
+    ] + ([f"# Quality: {row.strategy.quality}."] if row.strategy.quality else [])
     Path(path).write_text("\n".join(head) + "\n" + yaml.safe_dump(tree, sort_keys=False))
 
 

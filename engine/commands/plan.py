@@ -94,5 +94,7 @@ def run(args) -> int:
     write_config(req, chosen, path)
     print(f"\nRecommended: {chosen.name}, micro-batch {chosen.micro} x {chosen.accum} accumulation: "
           f"{chosen.gpu_bytes / GIB:.2f} GiB per GPU (simulated), x{chosen.relative_time:.2f} step time.")
+    if chosen.strategy.quality:
+        print(f"Quality: {chosen.strategy.quality}.")
     print(f"Wrote {path}: engine train --config {path} data.train_file=YOUR.txt")
     return 0
