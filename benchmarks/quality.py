@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,27 +76,32 @@ def cpu_name() -> str:
 
 
 def engine_train(overrides: list[str], out: Path) -> dict:
-    """One `engine train` in its own process; returns its final eval and its median tokens/s."""
+    """One `engine train` in its own process; returns its final eval and its median tokens/s. A run folder that
+    already holds a finished run (summary.json) is read, not rerun: an interrupted benchmark continues."""
+    if not (out / "summary.json").is_file():
+        _run_engine_train(overrides, out)
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in recs if "val_loss" in x]
+    tps = [x["tokens_per_s"] for x in recs if "tokens_per_s" in x]
+    return {"val_loss": evals[-1]["val_loss"] if evals else None, "val_ppl": evals[-1]["val_ppl"] if evals else None,
+            "curve": [(x["step"], round(x["val_loss"], 4)) for x in evals],
+            "tokens_per_s": statistics.median(tps) if tps else None}
+
+
+def _run_engine_train(overrides: list[str], out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)  # an unfinished run: start it again
     cmd = [sys.executable, "-m", "engine.cli", "train", *overrides, f"logging.output_dir={out}",
            "logging.progress=false", "logging.plots=false", "sample.max_new_tokens=0", "train.preflight=false",
            "checkpoint.every_n_steps=0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ENGINE_LOG": str(out.parent / "engine.log")}
-    t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"engine train failed ({out.name}): {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [x for x in recs if "val_loss" in x]
-    tps = [x["tokens_per_s"] for x in recs if "tokens_per_s" in x]
-    return {"val_loss": evals[-1]["val_loss"], "val_ppl": evals[-1]["val_ppl"],
-            "curve": [(x["step"], round(x["val_loss"], 4)) for x in evals],
-            "tokens_per_s": statistics.median(tps) if tps else None, "wall_s": round(time.perf_counter() - t, 1)}
 
 
 def pretrain(model: list[str], micro: int, steps: int, lr: float, out: Path) -> Path:
     """The base model: the sample corpus (the engine's default data), AdamW fp32, seed 0."""
-    if (out / "model" / "config.json").is_file():
-        return out / "model"
     engine_train([*model, "model.init=random", f"data.block_size={BLOCK}", f"train.micro_batch_size={micro}",
                   f"train.max_steps={steps}", "train.seed=0", f"optim.lr={lr * 3}", "optim.name=adamw",
                   "memory.precision=fp32", "schedule.warmup_steps=50", "eval.every_n_steps=0"], out)
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             r = fine_tune(base, recipe, seed, micro, steps, lr, work / f"{recipe}-seed{seed}")
             runs.setdefault(recipe, []).append({"seed": seed, **r})
             print(f"{recipe:15s} seed {seed}: val_loss {r['val_loss']:.4f} ppl {r['val_ppl']:.2f} "
-                  f"({r['tokens_per_s']:,.0f} tok/s, {r['wall_s']:.0f} s)", flush=True)
+                  f"({r['tokens_per_s']:,.0f} tok/s)", flush=True)
     rows = summarise(runs)
     env = {"size": args.size, "device": f"CPU: {cpu_name()}, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
