@@ -52,6 +52,9 @@ TINY = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.n_positio
 # Most telling first: a run cut short by the time budget keeps the headline recipes.
 RECIPES = {
     "t4 preset": ("gpt2-xl_full_t4", []),
+    "8gb preset": ("gpt2-xl_full_8gb", []),  # bf16 weights, 8-bit AdamW in backward (fp16 compute without bf16)
+    "qlora preset": ("gpt2-xl_qlora_4gb", ["train.global_batch_size=null"]),  # NF4 base; one micro-batch a step
+    "adafactor bf16 weights": ("gpt2-xl_full_8gb", ["optim.name=adafactor"]),
     "adamw": (None, ["optim.name=adamw"]),
     "adamw8bit+ckpt": (None, ["optim.name=adamw_8bit", "memory.activation_checkpointing=true"]),
     "lora preset": ("gpt2-large_lora_8gb", []),
@@ -70,8 +73,10 @@ def recipe_config(model: str, recipe: str, dry: bool, extra: list[str] | None = 
     if preset:
         base.remove("train.micro_batch_size=1")  # the preset's own batch
     if dry:
-        base += TINY + ["train.device=cpu"] + (["memory.precision=fp32"] if "precision" not in " ".join(overrides)
-                                                else [])
+        # the CPU: fp32, except bf16-weight recipes, which need 16-bit compute (bf16 runs on any CPU, if slowly)
+        precision = "bf16" if preset == "gpt2-xl_full_8gb" else "fp32"
+        base += TINY + ["train.device=cpu"] + ([f"memory.precision={precision}"]
+                                                if "precision" not in " ".join(overrides) else [])
     return load_config(paths, base + overrides + (extra or []))
 
 
