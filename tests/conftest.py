@@ -88,6 +88,20 @@ def run_inprocess(corpus, out: Path, **extra):
     return summary, train_losses(out)
 
 
+def assert_resumes_exactly(corpus, tmp_path: Path, **extra) -> None:
+    """8 steps with a checkpoint every 4; the run cut back to step 4 and resumed logs the same losses, lr and epochs,
+    bit for bit, as the run that never stopped."""
+    from test_resilience import cut_back, records
+
+    extra = {**extra, "train": {**extra.get("train", {}), "max_steps": 8},
+             "checkpoint": {"every_n_steps": 4, "keep_last": 5}}
+    full = tmp_path / "full"
+    run_inprocess(corpus, full, **extra)
+    cut = cut_back(full, tmp_path / "cut", 4)
+    run_inprocess(corpus, cut, **{**extra, "checkpoint": {**extra["checkpoint"], "resume": True}})
+    assert records(cut) == records(full)
+
+
 def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, launcher: list[str] | None = None,
             env_extra: dict | None = None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_inprocess, tiny_overrides
+from conftest import assert_resumes_exactly, run_inprocess, tiny_overrides
 from engine.config import validate_dict
 from engine.errors import ConfigError
 from engine.optim import stochastic_round_to_bf16
@@ -47,15 +47,8 @@ def test_bf16_master_weights_track_fp32_masters(corpus, tmp_path):
 def test_bf16_master_weights_resume_exactly(corpus, tmp_path):
     """The rounding draws from the RNG a checkpoint restores: a run cut at step 4 and resumed logs the same losses,
     bit for bit, as the run that never stopped (8-bit states included)."""
-    from test_resilience import cut_back, records
-
-    extra = dict(memory={**IN_BACKWARD, "master_weights": "bf16"}, optim={**NO_CLIP, "name": "adamw_8bit"},
-                 train={"max_steps": 8}, checkpoint={"every_n_steps": 4, "keep_last": 5})
-    full = tmp_path / "full"
-    run_inprocess(corpus, full, **extra)
-    cut = cut_back(full, tmp_path / "cut", 4)
-    run_inprocess(corpus, cut, **{**extra, "checkpoint": {**extra["checkpoint"], "resume": True}})
-    assert records(cut) == records(full)
+    assert_resumes_exactly(corpus, tmp_path, memory={**IN_BACKWARD, "master_weights": "bf16"},
+                           optim={**NO_CLIP, "name": "adamw_8bit"})
 
 
 def test_bf16_weights_compute_in_fp16_where_there_is_no_bf16(corpus, tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_inprocess, tiny_overrides
+from conftest import assert_resumes_exactly, run_inprocess, tiny_overrides
 from engine.config import validate_dict
 from engine.errors import ConfigError
 
@@ -69,15 +69,7 @@ def test_adafactor_states_are_factored(corpus, tmp_path):
 def test_new_optimizer_states_resume_exactly(corpus, tmp_path, name):
     """Cut at step 4 of 8 and resumed: the same losses, bit for bit, as the run that never stopped (bf16 weights:
     the stochastic rounding's RNG is restored too)."""
-    from test_resilience import cut_back, records
-
-    extra = dict(model=WIDE, memory=BF16_WEIGHTS, optim={"name": name, "grad_clip": None},
-                 train={"max_steps": 8}, checkpoint={"every_n_steps": 4, "keep_last": 5})
-    full = tmp_path / "full"
-    run_inprocess(corpus, full, **extra)
-    cut = cut_back(full, tmp_path / "cut", 4)
-    run_inprocess(corpus, cut, **{**extra, "checkpoint": {**extra["checkpoint"], "resume": True}})
-    assert records(cut) == records(full)
+    assert_resumes_exactly(corpus, tmp_path, model=WIDE, memory=BF16_WEIGHTS, optim={"name": name, "grad_clip": None})
 
 
 @pytest.mark.parametrize("name", ["adamw_4bit", "adafactor"])

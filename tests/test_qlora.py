@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_inprocess, tiny_overrides
+from conftest import assert_resumes_exactly, run_inprocess, tiny_overrides
 from engine.config import validate_dict
 from engine.errors import ConfigError
 from engine.model import build_model, merged_copy
@@ -70,14 +70,7 @@ def test_merged_export_equals_the_quantized_model_with_its_adapter(corpus, tmp_p
 
 
 def test_qlora_resumes_exactly(corpus, tmp_path):
-    from test_resilience import cut_back, records
-
-    extra = dict(model=WIDE, memory=QLORA, train={"max_steps": 8}, checkpoint={"every_n_steps": 4, "keep_last": 5})
-    full = tmp_path / "full"
-    run_inprocess(corpus, full, **extra)
-    cut = cut_back(full, tmp_path / "cut", 4)
-    run_inprocess(corpus, cut, **{**extra, "checkpoint": {**extra["checkpoint"], "resume": True}})
-    assert records(cut) == records(full)
+    assert_resumes_exactly(corpus, tmp_path, model=WIDE, memory=QLORA)
 
 
 @pytest.mark.parametrize("memory,message", [
