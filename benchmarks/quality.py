@@ -5,7 +5,7 @@ fine-tuned on another (benchmarks/data/docs: technical prose from Python's docst
 steps, tokens, schedule, data order and seeds. Reported per recipe: final validation loss and perplexity (mean and
 spread over the seeds), the gap to the reference's loss, whether it is within 2%, tokens/s on this machine.
 
-    .venv/bin/python benchmarks/quality.py                      # 4-layer 128-wide model, 3 seeds (~35 min, 2 cores)
+    .venv/bin/python benchmarks/quality.py                      # 4-layer 128-wide model, 3 seeds
     .venv/bin/python benchmarks/quality.py --size gpt2-medium   # gpt2-medium, random init, 1 seed, fewer steps
 
 `--size gpt2-medium` cannot pretrain a 355M model on a CPU in useful time: it fine-tunes the random-init

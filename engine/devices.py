@@ -31,8 +31,8 @@ def return_freed_host_memory() -> bool:
     that size come from the heap and stay with the process when freed: host RAM then holds every size of temporary
     a step ever freed. That was the gap between tracked tensors and process RSS: a gpt2-medium step (bf16 weights,
     Adafactor in backward) measured 3.85 GiB peak RSS for 1.12 GiB of tensors, 1.57 GiB with the threshold fixed at
-    1 MiB; a gpt2 step 1.80 -> 0.99 GiB, step time unchanged (25.9 vs 26.0 s). A fixed threshold turns the
-    adjustment off. Returns whether it was set (False on other platforms or C libraries)."""
+    1 MiB (this call); a gpt2 step 1.80 -> 0.99 GiB with the same glibc setting made by MALLOC_MMAP_THRESHOLD_,
+    step time unchanged (25.9 vs 26.0 s, another job sharing the CPU). A fixed threshold turns the adjustment off. Returns whether it was set (False on other platforms or C libraries)."""
     if not sys.platform.startswith("linux"):
         return False
     try:

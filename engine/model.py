@@ -78,7 +78,7 @@ def storage_dtype(cfg: RunConfig) -> torch.dtype:
     compute precision). Built in it directly, so no fp32 copy of a 16-bit model ever exists on the host."""
     if cfg.memory.master_weights == "bf16":
         return torch.bfloat16
-    if cfg.memory.lora.enabled and cfg.memory.lora.quantize_base != "none" and cfg.memory.precision in ("fp16", "bf16"):
+    if cfg.memory.lora.quantize_base != "none" and cfg.memory.precision in ("fp16", "bf16"):  # (implies LoRA)
         return DTYPES[cfg.memory.precision]
     return torch.float32
 

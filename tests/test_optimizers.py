@@ -61,8 +61,7 @@ def test_adafactor_states_are_factored(corpus, tmp_path):
     states = optimizers_of(tmp_path)
     state_bytes = sum(v.numel() * v.element_size() for s in states.values() for st in s["state"].values()
                       for v in st.values() if isinstance(v, torch.Tensor))
-    weights = sum(p.numel() * 4 for p in torch.nn.Embedding(50257, 64).parameters())
-    assert state_bytes < 0.04 * weights
+    assert state_bytes < 0.04 * 50257 * 64 * 4  # 4% of the fp32 token embedding alone
 
 
 @pytest.mark.parametrize("name", ["adamw_4bit", "adafactor"])
