@@ -8,6 +8,8 @@ backward, so only one chunk's logits ever exist.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -22,7 +24,98 @@ def _ce_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(lm_head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class _AutocastState:
+    device: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def now(cls, device: str) -> _AutocastState:
+        return cls(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+    def enter(self):
+        return torch.autocast(self.device, dtype=self.dtype, enabled=self.enabled, cache_enabled=False)
+
+
+class DeferredHeadWeightGrad:
+    """The tied LM head's weight gradient, made at the end of backward instead of at its start.
+
+    GPT-2's head shares its weight with the token embedding, whose own gradient comes last in backward. Left to
+    autograd, the head's contribution (vocab x hidden: 153 MiB in bf16 for gpt2-xl, 307 MiB in fp32) waits in the
+    weight's input buffer from the head's backward to the embedding's, on top of every block's backward peak.
+    Deferred, only each chunk's hidden states (tokens x hidden) and loss gradient wait; a hook on the weight, which
+    runs just before the summed gradient is accumulated (and an in-backward optimizer steps), recomputes each
+    chunk's logits (one more head forward) and adds the chunk's weight gradient. Same sum, other order: equal up to
+    rounding (tests/test_training.py).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, _AutocastState]] = []
+        self.handle = None
+
+    @staticmethod
+    def applies_to(lm) -> bool:
+        """Only a trained head tied to the embedding: then the embedding's backward always runs after the head's."""
+        w = lm.lm_head.weight
+        return w.requires_grad and w is lm.get_input_embeddings().weight
+
+    def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _HeadLossWithDeferredWeightGrad.apply(hidden, labels, self, _AutocastState.now(hidden.device.type))
+
+    def head(self, weight: torch.Tensor):
+        return lambda x: F.linear(x, weight, self.bias)
+
+    def wait(self, hidden, labels, grad, autocast) -> None:
+        # Registered from backward, so a forward that never backpropagates leaves no hook behind.
+        self.chunks.append((hidden, labels, grad, autocast))
+        if self.handle is None:
+            self.handle = self.weight.register_hook(self._add_head_grad)
+
+    def _add_head_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        self.handle.remove()
+        grad = grad.clone() if grad._base is not None else grad  # our own buffer from here on
+        autocast = self.chunks[0][3]
+        # One cast of the weight to the compute dtype for all chunks (autocast would cast it per chunk); each chunk's
+        # 16-bit weight gradient is added into the full-precision sum as autograd's cast-backward would pass it.
+        w = self.weight.detach()
+        w = (w.to(autocast.dtype) if autocast.enabled and w.dtype != autocast.dtype else w).requires_grad_()
+        with torch.enable_grad(), autocast.enter():
+            for hidden, labels, g, _ in self.chunks:
+                (gw,) = torch.autograd.grad(_ce_sum(self.head(w), hidden, labels), w, g)
+                grad.add_(gw)  # the embedding's gradient buffer, which nothing else reads before accumulation
+                del gw
+        self.chunks.clear()
+        return grad
+
+
+class _HeadLossWithDeferredWeightGrad(torch.autograd.Function):
+    """One chunk's summed cross-entropy; backward gives the hidden states' gradient now and hands the head weight's
+    to `DeferredHeadWeightGrad` (the weight is not an input, so autograd routes nothing to it from here)."""
+
+    @staticmethod
+    def forward(ctx, hidden, labels, deferred: DeferredHeadWeightGrad, autocast: _AutocastState):
+        ctx.save_for_backward(hidden, labels)
+        ctx.deferred, ctx.autocast = deferred, autocast
+        return _ce_sum(deferred.head(deferred.weight.detach()), hidden, labels)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, labels = ctx.saved_tensors
+        h = hidden.detach().requires_grad_()
+        with torch.enable_grad(), ctx.autocast.enter():
+            loss = _ce_sum(ctx.deferred.head(ctx.deferred.weight.detach()), h, labels)
+        (grad_hidden,) = torch.autograd.grad(loss, h, grad)
+        ctx.deferred.wait(hidden.detach(), labels, grad.detach(), ctx.autocast)
+        return grad_hidden, None, None, None
+
+
+def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
+                defer_head_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss and its token count. With `chunk_size`, the head runs `chunk_size` tokens at a time;
+    with `defer_head_grad` too (single-process backends only: it hooks the weight itself), the tied head's weight
+    gradient is made at the end of backward (`DeferredHeadWeightGrad`)."""
     mask = batch.get("attention_mask")  # absent for packed data: SDPA then keeps its causal fast path
     # Shift the labels, not the logits: `logits[:, :-1]` would copy the whole [B, S, vocab] tensor
     # (196 MiB per 1024 tokens in fp32) at the step's peak. The last position predicts nothing.
@@ -36,8 +129,12 @@ def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = 
     hidden = lm.transformer(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
     h = hidden.view(-1, hidden.shape[-1])
     total = hidden.new_zeros((), dtype=torch.float32)
+    deferred = (DeferredHeadWeightGrad(lm.lm_head.weight, lm.lm_head.bias)
+                if defer_head_grad and torch.is_grad_enabled() and DeferredHeadWeightGrad.applies_to(lm) else None)
     for i in range(0, h.shape[0], chunk_size):
-        if torch.is_grad_enabled():
+        if deferred is not None:
+            total = total + deferred.loss_sum(h[i : i + chunk_size], y[i : i + chunk_size])
+        elif torch.is_grad_enabled():
             total = total + checkpoint(_ce_sum, lm.lm_head, h[i : i + chunk_size], y[i : i + chunk_size], use_reentrant=False)
         else:
             total = total + _ce_sum(lm.lm_head, h[i : i + chunk_size], y[i : i + chunk_size])
@@ -53,8 +150,9 @@ def classification_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torc
     return out.loss.float() * n, n
 
 
-def batch_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
+                   defer_head_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss of a batch as (sum, count): classification batches carry `class_labels`."""
     if "class_labels" in batch:
         return classification_loss_sum(model, batch)
-    return lm_loss_sum(model, batch, chunk_size)
+    return lm_loss_sum(model, batch, chunk_size, defer_head_grad)

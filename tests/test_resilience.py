@@ -186,9 +186,9 @@ def poison(monkeypatch, from_call: int, how: str) -> None:
 
     real, calls = tb.batch_loss_sum, [0]
 
-    def loss(model, batch, chunk):
+    def loss(model, batch, chunk, **kw):
         calls[0] += 1
-        s, n = real(model, batch, chunk)
+        s, n = real(model, batch, chunk, **kw)
         if calls[0] >= from_call:
             s = s * float("nan") if how == "nan" else InfGrad.apply(s)
         return s, n

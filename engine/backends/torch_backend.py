@@ -93,7 +93,7 @@ class TorchBackend(Backend):
         for mb in micro_batches:
             mb = self.to_device(mb)
             with self.autocast():
-                loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size)
+                loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size, defer_head_grad=True)
             # Dividing by the global token count makes accumulation exactly a token-weighted mean.
             self.scaler.scale(loss_sum / n_global).backward()
             loss_acc += loss_sum.detach().double()
@@ -182,7 +182,7 @@ class InBackwardBackend(TorchBackend):
         scale = self.loss_scale.scale if self.loss_scale else 1.0
         opt.inv_scale, opt.overflow = 1.0 / scale, False
         with self.autocast():
-            loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size)
+            loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size, defer_head_grad=True)
         (loss_sum * (scale / n)).backward()
         if self.loss_scale:
             self.loss_scale.update(opt.overflow)

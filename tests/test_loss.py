@@ -1,0 +1,83 @@
+"""The chunked LM loss with the tied head's weight gradient deferred to the end of backward (`DeferredHeadWeightGrad`):
+same gradients as autograd's own order, and the head's gradient no longer held through the blocks' backward."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from engine.loss import lm_loss_sum
+from engine.memory.simulate import label_phases
+from engine.memory.tracker import MemoryTracker
+
+VOCAB, HIDDEN = 3000, 48
+
+
+def tiny_lm(layers: int = 4, dtype=torch.float32) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=layers, n_head=2, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).to(dtype)
+
+
+def batch(seed: int = 1) -> dict:
+    x = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(seed))
+    labels = x.clone()
+    labels[0, :7] = -100  # masked positions take part in neither way of computing the loss
+    return {"input_ids": x, "labels": labels}
+
+
+def grads(model, chunk, defer, autocast_dtype=None) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        loss, n = lm_loss_sum(model, batch(), chunk, defer_head_grad=defer)
+    (loss / n * 3.0).backward()  # a non-unit gradient reaches each chunk's loss
+    return float(loss.detach()), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("weights, autocast, rtol", [
+    (torch.float32, None, 1e-5),  # fp32: the same sum in another order
+    (torch.float32, torch.bfloat16, 1e-2),  # fp32 masters, bf16 compute: 16-bit chunk grads summed in fp32 either way
+    (torch.bfloat16, torch.bfloat16, 2e-2),  # bf16 weights: the bf16 sum's rounding depends on the order
+])
+def test_deferred_head_grad_equals_autograds(weights, autocast, rtol):
+    model = tiny_lm(dtype=weights)
+    ref_loss, ref = grads(model, chunk=None, defer=False, autocast_dtype=autocast)
+    for chunk in (16, 33):
+        loss, got = grads(model, chunk=chunk, defer=True, autocast_dtype=autocast)
+        assert loss == pytest.approx(ref_loss, rel=1e-5 if weights == torch.float32 and not autocast else 1e-2)
+        for k in ref:
+            scale = ref[k].float().abs().max()
+            err = (got[k].float() - ref[k].float()).abs().max()
+            assert err <= rtol * scale, (k, float(err), float(scale))
+    assert not model.transformer.wte.weight._backward_hooks  # the hook removes itself
+
+
+def test_deferral_only_where_backward_runs_and_the_head_trains():
+    model = tiny_lm()
+    w = model.transformer.wte.weight
+    lm_loss_sum(model, batch(), 16, defer_head_grad=True)  # a forward that never backpropagates
+    assert not w._backward_hooks
+    w.requires_grad_(False)  # frozen embedding (LoRA, freeze.embeddings): autograd's path, nothing deferred
+    loss, n = lm_loss_sum(model, batch(), 16, defer_head_grad=True)
+    loss.backward()
+    assert w.grad is None and model.transformer.h[0].attn.c_attn.weight.grad is not None
+
+
+def _block_backward_peak(defer: bool) -> tuple[int, dict[str, int]]:
+    model = tiny_lm(layers=6)
+    tracker = MemoryTracker()
+    tracker.track_model(model)
+    label_phases(model, tracker, edge=2)
+    with tracker:
+        loss, n = lm_loss_sum(model, batch(), 16, defer_head_grad=defer)
+        (loss / n).backward()
+    return tracker.phase_peaks["bwd:mid"]
+
+
+def test_the_heads_weight_gradient_is_not_held_through_the_blocks_backward():
+    """Measured with the memory tracker in the middle blocks' backward: autograd holds the head's vocab x hidden
+    weight gradient there; deferred, it does not exist until the embedding's backward."""
+    held, _ = _block_backward_peak(defer=False)
+    deferred, _ = _block_backward_peak(defer=True)
+    head_grad = VOCAB * HIDDEN * 4
+    assert held - deferred >= 0.95 * head_grad, (held, deferred, head_grad)
