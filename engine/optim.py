@@ -102,6 +102,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, sched: S
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, sched))
 
 
+def set_schedule_position(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
+    """Put a schedule `steps` steps in, as if it had stepped that often (a state dict from another backend's
+    scheduler is not needed: the position is all a LambdaLR holds)."""
+    scheduler.last_epoch = steps
+    scheduler._step_count = steps + 1  # past the first step: no "scheduler before optimizer" warning
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(steps)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+def set_param_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    """One parameter's optimizer state, from a layout-free checkpoint (engine.portable), on the parameter's device;
+    the step count stays a CPU scalar as torch's AdamW keeps it."""
+    optimizer.state[param] = {k: v.clone() if k == "step" else v.to(param.device, copy=True) for k, v in state.items()}
+
+
 def stochastic_round_to_bf16(x: torch.Tensor) -> torch.Tensor:
     """fp32 -> bf16, rounding up or down at random with probability proportional to the distance: unbiased, so an
     update below bf16's resolution moves the weight in expectation instead of vanishing. Random 16 bits are added to

@@ -14,8 +14,10 @@ from engine.tokenizer import tokenizer_fingerprint
 RUN_MARKER = "run.json"
 METRICS = "metrics.jsonl"
 # May differ on resume with checkpoint.allow_layout_change; the rest decides what the saved state means.
-SOFT_LAYOUT = ("world_size", "global_batch", "seed", "block_size", "optimizer")
-
+SOFT_LAYOUT = ("global_batch", "seed", "block_size", "optimizer")
+# May differ on any resume: the checkpoint is converted (engine.portable), masters and moments bit for bit, and with
+# the same global batch every step sees the same samples.
+PORTABLE_LAYOUT = ("world_size", "zero_stage", "optimizer_in_backward")
 
 def check_output_dir(cfg: RunConfig, resuming: bool) -> Path:
     """Never silently overwrite another run's results."""
@@ -61,16 +63,24 @@ def run_layout(cfg: RunConfig, world_size: int, global_batch: int, tokenizer) ->
     }
 
 
-def check_layout(ckpt: Path, layout: dict, allow_change: bool, warn) -> None:
+def check_layout(ckpt: Path, layout: dict, allow_change: bool, warn) -> set[str]:
+    """Whether `ckpt` can resume with `layout`; returns the layout keys that differ (the caller converts the state
+    when any of them is set)."""
     try:
         saved = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")).get("layout", {})
     except (OSError, ValueError) as e:
         raise EngineError(f"cannot resume {ckpt}: its trainer_state.json is unreadable ({e})") from None
     diffs = {k: f"{k}={saved[k]!r} there, {v!r} now" for k, v in layout.items() if k in saved and saved[k] != v}
-    hard = [d for k, d in diffs.items() if not (allow_change and k in SOFT_LAYOUT)]
+    hard = [d for k, d in diffs.items() if k not in PORTABLE_LAYOUT and not (allow_change and k in SOFT_LAYOUT)]
     if hard:
-        hint = "" if allow_change or set(diffs) - set(SOFT_LAYOUT) else \
+        hint = "" if allow_change or set(diffs) - set(SOFT_LAYOUT) - set(PORTABLE_LAYOUT) else \
             " (checkpoint.allow_layout_change=true resumes anyway, as a new data order)"
         raise EngineError(f"cannot resume {ckpt}: it was saved with a different setup ({'; '.join(hard)}){hint}")
-    if diffs:
-        warn(f"warning: resuming {ckpt} with a changed setup ({'; '.join(diffs.values())}): not an exact continuation")
+    inexact = [d for k, d in diffs.items() if k not in PORTABLE_LAYOUT]
+    if inexact:
+        what = " (the optimizer starts from a fresh state)" if "optimizer" in diffs else ""
+        warn(f"warning: resuming {ckpt} with a changed setup ({'; '.join(inexact)}): not an exact continuation{what}")
+    moved = [d for k, d in diffs.items() if k in PORTABLE_LAYOUT]
+    if moved:
+        warn(f"resuming {ckpt} on another layout ({'; '.join(moved)}): its weights and optimizer state are converted")
+    return set(diffs)

@@ -47,10 +47,12 @@ from engine.memory.meter import MemoryMeter
 from engine.memory.tracker import CUDA_BLOCK, MemoryTracker
 from engine.metrics import eval_line, evaluate_classifier, lm_metrics, rank_share
 from engine.model import build_model, parameter_counts
+from engine.portable import NotPortable, read_portable
 from engine.preflight import preflight
 from engine.report import open_tensorboard, plot_run
 from engine.run_dir import (
     METRICS,
+    PORTABLE_LAYOUT,
     RUN_MARKER,
     check_layout,
     check_output_dir,
@@ -201,8 +203,10 @@ class TrainingRecipe:
                      "steps_per_epoch": self.sampler.steps_per_epoch, "total_steps": self.total_steps,
                      "tokens_per_step": g * cfg.data.block_size, "precision": cfg.memory.precision}
         self.layout = run_layout(cfg, env.world_size, g, self.tok)
+        self.layout_changes: set[str] = set()
         if self.resume_from is not None:
-            check_layout(self.resume_from, self.layout, cfg.checkpoint.allow_layout_change, lambda m: say(env, m))
+            self.layout_changes = check_layout(self.resume_from, self.layout, cfg.checkpoint.allow_layout_change,
+                                               lambda m: say(env, m))
         elif cfg.checkpoint.resume:
             replacing = (self.out / RUN_MARKER).exists()
             say(env, f"no complete checkpoint in {self.out}: starting from scratch"
@@ -247,7 +251,7 @@ class TrainingRecipe:
         path = self.resume_from
         st = load_trainer_state(path, self.env.rank)  # restores RNG: after the model's random init
         try:
-            self.backend.load(path)
+            self.load_checkpoint_state(path)
         except (ValueError, KeyError, RuntimeError) as e:
             raise EngineError(f"cannot resume {path}: its state does not fit this model/optimizer ({e})") from None
         if self.env.is_main:
@@ -256,6 +260,25 @@ class TrainingRecipe:
         self.guard.load_state_dict(st.get("guard", {}))
         self.stopper.load_state_dict(st.get("early_stopping"))
         say(self.env, f"resumed from {path} at step {self.state.step}")
+
+    def load_checkpoint_state(self, path: Path) -> None:
+        """As written when the layout is the same; else converted (engine.portable): exact for the same optimizer,
+        weights only (a fresh optimizer state) for another one, which check_layout allowed only on request."""
+        if not self.layout_changes & {*PORTABLE_LAYOUT, "optimizer"}:
+            self.backend.load(path)
+            return
+        fresh = "optimizer" in self.layout_changes
+        try:
+            ps = read_portable(path, with_states=not fresh)
+        except NotPortable as e:
+            if not self.cfg.checkpoint.allow_layout_change:
+                raise EngineError(f"cannot resume {path} on this layout: {e} (checkpoint.allow_layout_change=true "
+                                  "continues from its weights with a fresh optimizer state)") from None
+            say(self.env, f"warning: {e}: the optimizer starts from a fresh state")
+            ps = read_portable(path, with_states=False)
+        self.backend.load_portable(ps)
+        say(self.env, f"converted {path} from {ps.source} ({len(ps.weights)} weights, "
+                      f"{'optimizer state for ' + str(len(ps.states)) if ps.states else 'no optimizer state'})")
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def train(self, log: RunLog) -> Path | None:

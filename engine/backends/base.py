@@ -19,6 +19,7 @@ from engine.config import RunConfig
 from engine.distributed import DistEnv
 from engine.metrics import loss_sums, to_device
 from engine.model import DTYPES
+from engine.portable import PortableState
 
 
 @dataclass
@@ -53,7 +54,12 @@ class Backend(ABC):
     def save(self, ckpt_dir: Path) -> None: ...
 
     @abstractmethod
-    def load(self, ckpt_dir: Path) -> None: ...
+    def load(self, ckpt_dir: Path) -> None:
+        """A checkpoint this backend wrote, in the same layout."""
+
+    @abstractmethod
+    def load_portable(self, ps: PortableState) -> None:
+        """A checkpoint of another layout, read by engine.portable (optimizer state by parameter name, maybe none)."""
 
     @abstractmethod
     def lr(self) -> float: ...

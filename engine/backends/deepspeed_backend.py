@@ -21,7 +21,8 @@ from engine.distributed import DistEnv
 from engine.errors import ConfigError
 from engine.loss import batch_loss_sum
 from engine.model import build_model, special_ids_of, unwrap
-from engine.optim import build_optimizer, build_scheduler
+from engine.optim import build_optimizer, build_scheduler, set_schedule_position
+from engine.portable import PortableState
 
 
 def make_ds_config(cfg: RunConfig, world_size: int, device_type: str = "cuda", user_json: dict | None = None) -> dict:
@@ -211,6 +212,82 @@ class DeepSpeedBackend(Backend):
     def save(self, ckpt_dir: Path) -> None:
         # Every rank writes its own optimizer/parameter partitions.
         self.engine.save_checkpoint(str(ckpt_dir), tag="deepspeed", save_latest=False)
+
+    def load_portable(self, ps: PortableState) -> None:
+        """A checkpoint from another layout (engine.portable): every rank writes its own partitions of the fp32
+        masters and Adam moments through DeepSpeed's `safe_set_full_*` API, and the module's working weights (whole,
+        or gathered under ZeRO-3) from the same masters."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        params = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        names = {n for n, _ in params}
+        if names != set(ps.weights):
+            missing, extra = sorted(names - set(ps.weights))[:3], sorted(set(ps.weights) - names)[:3]
+            raise ValueError(f"checkpoint weights do not match this model (missing {missing}, unexpected {extra})")
+        if ps.states:
+            self._materialize_optimizer_state()
+        for name, p in params:
+            master = ps.weights[name].to(self.device, torch.float32)
+            self._set_module_weight(p, master)
+            safe_set_full_fp32_param(p, master)
+            for key, value in ps.states.get(name, {}).items():
+                if key != "step":
+                    safe_set_full_optimizer_state(p, value.to(self.device), key)
+        steps = {float(st["step"]) for st in ps.states.values() if "step" in st}
+        if len(steps) > 1:
+            raise ValueError(f"parameters were stepped different numbers of times ({sorted(steps)[:3]}), which one "
+                             "DeepSpeed step count cannot hold")
+        if steps:
+            step = steps.pop()
+            # the client optimizer inside ZeRO's wrapper, whose state is per flat partition
+            for state in self.optimizer.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"].fill_(step)
+                elif "step" in state:
+                    state["step"] = int(step)
+        set_schedule_position(self.scheduler, ps.scheduler_steps)
+        self.engine.global_steps = ps.scheduler_steps
+        self.engine.global_samples = ps.scheduler_steps * self.engine.train_batch_size()
+
+    def _materialize_optimizer_state(self) -> None:
+        """ZeRO creates Adam's state at the first step; a converted checkpoint fills it before that. A step of the
+        client optimizer at lr 0 over zero gradients creates it (the weights it would change are set next anyway)."""
+        zero = self.optimizer
+        base = zero.optimizer
+        if base.state:
+            return
+        groups = [g["params"] for g in base.param_groups]
+        # ZeRO-1/2 hand the client optimizer its flat fp32 partitions for good; ZeRO-3 one sub-group at a time.
+        if hasattr(zero, "fp32_partitioned_groups_flat"):
+            steps = [(zero.sub_group_to_group_id[i], [flat]) for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]
+        else:
+            steps = [(None, None)]
+        lrs = [g["lr"] for g in base.param_groups]
+        for g in base.param_groups:
+            g["lr"] = 0.0
+        for group_id, params in steps:
+            if group_id is not None:
+                base.param_groups[group_id]["params"] = params
+            flats = [p for g in base.param_groups for p in g["params"]]
+            for f in flats:
+                f.grad = torch.zeros_like(f)
+            base.step()
+            for f in flats:
+                f.grad = None
+        for g, lr, params in zip(base.param_groups, lrs, groups):
+            g["lr"], g["params"] = lr, params
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link each parameter to its fragment
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _set_module_weight(self, p: torch.nn.Parameter, master: torch.Tensor) -> None:
+        if self.cfg.memory.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                p.data.copy_(master.view(p.shape).to(p.dtype))
+        else:
+            with torch.no_grad():
+                p.data.copy_(master.to(p.dtype))
 
     def load(self, ckpt_dir: Path) -> None:
         path, _ = self.engine.load_checkpoint(

@@ -31,8 +31,11 @@ from engine.optim import (
     build_scheduler,
     lr_lambda,
     run_step,
+    set_param_state,
+    set_schedule_position,
     step_context,
 )
+from engine.portable import PortableState
 
 
 class TorchBackend(Backend):
@@ -122,8 +125,11 @@ class TorchBackend(Backend):
 
     # -- checkpoints: trainable weights as safetensors, optimizer/scheduler/scaler as weights-only torch files
     def optimizer_state(self) -> dict:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        # The parameters' names in the optimizer's order: what lets another layout read the state (engine.portable).
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(),
+                "param_names": [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]}
 
     def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -135,14 +141,28 @@ class TorchBackend(Backend):
         save_file(trainable, str(ckpt_dir / "trainable.safetensors"))
         torch.save(self.optimizer_state(), ckpt_dir / "optimizer.pt")
 
-    def load(self, ckpt_dir: Path) -> None:
-        state = load_file(str(ckpt_dir / "trainable.safetensors"), device=str(self.device))
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         expected = {n for n, p in self.model.named_parameters() if p.requires_grad}
         if set(state) != expected:
             missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
             raise ValueError(f"checkpoint weights do not match this model (missing {missing}, unexpected {extra})")
-        self.model.load_state_dict(state, strict=False)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, w in state.items():
+                params[n].copy_(w)  # exact: the same dtype, or fp32 masters into fp32 weights
+
+    def load(self, ckpt_dir: Path) -> None:
+        self.load_weights(load_file(str(ckpt_dir / "trainable.safetensors"), device=str(self.device)))
         self.load_optimizer_state(torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=True))
+
+    def load_portable(self, ps: PortableState) -> None:
+        """A checkpoint from another layout: weights, then each parameter's optimizer state by name (none: the
+        optimizer starts fresh), then the schedule's position."""
+        self.load_weights(ps.weights)
+        for name, p in self.model.named_parameters():
+            if name in ps.states:
+                set_param_state(self.optimizer, p, ps.states[name])
+        set_schedule_position(self.scheduler, ps.scheduler_steps)
 
 
 class InBackwardBackend(TorchBackend):
@@ -194,6 +214,17 @@ class InBackwardBackend(TorchBackend):
     def optimizer_state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "steps_done": self.steps_done,
                 "loss_scale": self.loss_scale.state_dict() if self.loss_scale else None}
+
+    def load_portable(self, ps: PortableState) -> None:
+        if self.optimizer.pieces and ps.states:
+            raise ValueError("this run steps its optimizer in pieces (bf16 weights, Adafactor or 4-bit AdamW), which "
+                             "only a checkpoint of the same layout fills")
+        self.load_weights(ps.weights)
+        for name, p in self.model.named_parameters():
+            if name in ps.states:
+                set_param_state(self.optimizer.optimizers[name], p, ps.states[name])
+        self.steps_done = ps.scheduler_steps
+        self.optimizer.lr = self.cfg.optim.lr * self.lr_fn(self.steps_done)
 
     def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
