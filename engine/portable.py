@@ -146,11 +146,11 @@ def read_deepspeed(ckpt: Path, with_states: bool = True) -> PortableState:
     for key in (k for k in keys if k != "step"):
         for name, t in merge([[b["state"][g][key] for g in groups] for b in base]).items():
             states[name][key] = t
-    for g in groups:
-        step = first[g]["step"] if g in first else None
+    for g in groups if keys else ():
+        step = first[g]["step"]
         for name in shapes[g]:
-            if step is not None:
-                states[name]["step"] = step.clone() if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+            states[name]["step"] = step.clone() if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+    states = {name: st for name, st in states.items() if st}
     sched = model_state.get("lr_scheduler") or {}
     return PortableState(weights, states, int(sched.get("last_epoch", model_state.get("global_steps", 0))),
                          f"DeepSpeed ZeRO-{stage} on {world} rank(s)")
