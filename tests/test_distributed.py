@@ -10,13 +10,14 @@ from conftest import ROOT, flat_overrides, run_cli, run_inprocess, tiny_override
 
 pytestmark = pytest.mark.slow
 
-def launch(overrides: dict, port: int, hostfile: Path | None = None) -> None:
+def launch(overrides: dict, port: int, hostfile: Path | None = None, script: Path | None = None,
+           env_extra: dict | None = None):
     # A one-host hostfile takes the launcher's hostfile path without ssh (no second node here).
     where = (["--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1"] if hostfile
              else ["--num_gpus", "2"])
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(port),
-                str(ROOT / "launch" / "train.py")]
-    r = run_cli(flat_overrides(overrides), launcher=launcher, timeout=900)
+                str(script or ROOT / "launch" / "train.py")]
+    r = run_cli(flat_overrides(overrides), launcher=launcher, timeout=900, env_extra=env_extra)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 

@@ -8,13 +8,14 @@ process (plain AdamW, and AdamW stepped in backward) for 10; 2-rank ZeRO-3 resum
 this process (DeepSpeed targets on one rank) and read the state back through DeepSpeed's `safe_get_full_*`."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_inprocess, tiny_overrides, train_losses
+from conftest import ROOT, run_inprocess, tiny_overrides, train_losses
 from engine.config import validate_dict
 from engine.distributed import dist_env
 from engine.errors import EngineError
@@ -145,3 +146,28 @@ def test_another_optimizer_needs_allow_layout_change_and_starts_fresh(corpus, tm
     lay["checkpoint"]["allow_layout_change"] = True
     summary, losses = run_inprocess(corpus, tmp_path / "allowed", **lay)
     assert len(losses) == 2 and summary["steps"] == 5
+
+
+@pytest.mark.parametrize("stage, port", [(0, 29641), (2, 29642)])
+def test_a_bad_gradient_on_one_rank_is_skipped_by_every_rank(corpus, tmp_path, stage, port):
+    """Rank 1 alone gets a NaN gradient at step 3 (tests/helpers/train_with_bad_gradient.py): every rank skips that
+    step (DeepSpeed's own non-finite check under ZeRO, the engine's under ZeRO-0, where gradients are all-reduced
+    before the check), the weights stay finite and the run goes on; each rank's optimizer took 5 steps of 6."""
+    out = tmp_path / "run"
+    lay = layout(stage, 2, train={"max_steps": 6})
+    lay["checkpoint"] = {"every_n_steps": 0}
+    r = launch(tiny_overrides(corpus, out, **lay), port, script=ROOT / "tests" / "helpers" / "train_with_bad_gradient.py",
+               env_extra={"BAD_RANK": "1", "BAD_CALL": "3", "BAD_KIND": "nan"})
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [rec for rec in recs if "loss" in rec]
+    assert [rec["skipped"] for rec in steps] == [False, False, True, False, False, False], r.stdout[-2000:]
+    assert all(math.isfinite(rec["loss"]) for rec in steps)
+    shards = sorted((ckpt(out, 6) / "deepspeed").glob("*optim_states.pt")) or [ckpt(out, 6) / "deepspeed" /
+                                                                             "mp_rank_00_model_states.pt"]
+    for shard in shards:
+        sd = torch.load(shard, weights_only=False)
+        opt = sd.get("optimizer_state_dict") or sd["optimizer"]
+        base = opt.get("base_optimizer_state") or opt
+        assert {float(s["step"]) for s in base["state"].values()} == {5.0}, shard.name
+        weights = opt.get("single_partition_of_fp32_groups") or [p for p in sd.get("module", {}).values()]
+        assert all(torch.isfinite(w).all() for w in weights)

@@ -146,6 +146,23 @@ class DeepSpeedBackend(Backend):
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
+    @property
+    def checks_finite_grads(self) -> bool:
+        """ZeRO's optimizers (any stage, fp32 and bf16) and fp16's loss scaler skip a step whose gradient norm is not
+        finite, on every rank; fp32 without ZeRO steps the client optimizer directly, so the engine checks."""
+        return self.cfg.memory.zero_stage == 0 and self.cfg.memory.precision == "fp32"
+
+    def _drop_nonfinite_grads(self) -> bool:
+        """ZeRO-0: gradients are all-reduced by the last backward of the step, so every rank sees the same ones and
+        takes the same decision (one host sync). Dropped gradients make the optimizer leave every parameter and its
+        state as they were; the schedule still advances, as on the torch backend."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return False
+        for p in self.engine.module.parameters():
+            p.grad = None
+        return True
+
     def train_step(self, micro_batches: list[dict]) -> StepStats:
         n_global = self.global_tokens(micro_batches)
         world = torch.distributed.get_world_size()
@@ -153,11 +170,14 @@ class DeepSpeedBackend(Backend):
         loss_acc = torch.zeros(1, dtype=torch.float64, device=self.device)
         lr = self.lr()
         skipped_before = self.engine.skipped_steps
-        for mb in micro_batches:
+        skipped = False
+        for i, mb in enumerate(micro_batches):
             loss_sum, _ = batch_loss_sum(self.engine, self.to_device(mb), self.cfg.memory.loss_chunk_size)
             # DeepSpeed divides by accumulation steps and averages gradients over ranks; undo both so
             # the gradient is exactly d(sum of token losses)/d(global token count).
             self.engine.backward(loss_sum * (world * accum) / n_global.to(loss_sum.dtype))
+            if i == accum - 1 and self.checks_finite_grads:
+                skipped = self._drop_nonfinite_grads()
             self.engine.step()  # a no-op except at the accumulation boundary
             loss_acc += loss_sum.detach().double()
         self.all_reduce_sum(loss_acc)
@@ -169,7 +189,7 @@ class DeepSpeedBackend(Backend):
             loss=float(loss_acc / n_global.double()),
             tokens=int(n_global),
             grad_norm=float(gn) if gn is not None else None,
-            skipped=self.engine.skipped_steps > skipped_before,
+            skipped=skipped or self.engine.skipped_steps > skipped_before,
             lr=lr,
             loss_scale=scale,
         )
