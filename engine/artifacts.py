@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from engine.checkpoint import checkpoint_problem, export_model, newest_complete
 from engine.config import load_config
 from engine.devices import pick_device
 from engine.errors import EngineError, ModelLoadError
-from engine.model import from_pretrained, is_local_path, load_base_model, resize_vocab
+from engine.model import build_model, from_pretrained, is_local_path, load_base_model, resize_vocab
+from engine.portable import read_portable
 from engine.tokenizer import tokenizer_of
 
 TASK_OF_ARCH = {"ForSequenceClassification": "classification", "LMHeadModel": "causal_lm", "ForCausalLM": "causal_lm"}
@@ -164,3 +166,50 @@ def _load_adapter(folder: str, want_task: str | None, base: str | None, run_cfg)
         raise ModelLoadError(f"adapter {folder} does not fit its base {base_name or '(random init)'}: "
                              f"{str(e).splitlines()[0][:300]}") from None
     return Trained(model, tok, task, source, run_cfg)
+
+
+# ----------------------------------------------------------------------------- `engine export`
+
+
+def checkpoint_of(path: str) -> Path:
+    """A complete checkpoint folder: `path` itself, or the newest complete one of the run folder `path`."""
+    p = Path(path)
+    if not p.is_dir():
+        raise EngineError(f"checkpoint not found: {p}")
+    if _is_run_dir(p):
+        ckpt = newest_complete(p, warn=print)
+        if ckpt is None:
+            raise EngineError(f"{p} holds no complete checkpoint")
+        return ckpt
+    problem = checkpoint_problem(p)
+    if problem:
+        raise EngineError(f"{p} is not a complete checkpoint: {problem}")
+    return p
+
+
+def export_checkpoint(path: str, out: str | None = None, merge_lora: bool | None = None) -> tuple[Path, dict[str, Path]]:
+    """The HF model (and a LoRA run's adapter) from any checkpoint, whatever wrote it (one process, DeepSpeed ZeRO-1/2/3
+    shards from any number of ranks), in this one process: the run's config.yaml builds the model, engine.portable
+    reads the trained weights (fp32 masters where the run kept them). Written into the run folder unless it already
+    holds an export, or into `out`."""
+    ckpt = checkpoint_of(path)
+    run_dir = ckpt.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise EngineError(f"{ckpt}: its run folder {run_dir} has no config.yaml to rebuild the model from")
+    dest = Path(out) if out else run_dir
+    if out is None and any((dest / d).exists() for d in ("model", "adapter")):
+        raise EngineError(f"{dest} already holds an export: pass --out DIR to write this one elsewhere")
+    cfg = load_config([run_dir / "config.yaml"])
+    tok = tokenizer_of(str(ckpt / "tokenizer"))
+    model = build_model(cfg, vocab_size=len(tok), special_ids={
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
+    weights = read_portable(ckpt, with_states=False).weights
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        missing, extra = sorted(set(params) - set(weights))[:3], sorted(set(weights) - set(params))[:3]
+        raise EngineError(f"{ckpt} does not fit the model its config.yaml builds (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for name, w in weights.items():
+            params[name].copy_(w)
+    merge = cfg.checkpoint.export_merged_lora if merge_lora is None else merge_lora
+    return ckpt, export_model(model, tok, dest, merge_lora=merge)

@@ -239,8 +239,10 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, gt=0)
     resume: bool | str = Field(False, description="true: newest checkpoint in output_dir; or a checkpoint path.")
     allow_layout_change: bool = Field(
-        False, description="Resume even if the world size, batch size, seed or optimizer differ from the checkpoint's "
-        "(the run is then no longer an exact continuation). Off: such a resume is an error naming the difference."
+        False, description="Resume even if the global batch, seed or optimizer differ from the checkpoint's (the run is "
+        "then no longer an exact continuation; another optimizer starts from a fresh state). Off: such a resume is an "
+        "error naming the difference. World size, ZeRO stage and optimizer_in_backward may always change: the "
+        "checkpoint is converted (engine/portable.py)."
     )
     export_merged_lora: bool = Field(True, description="Also save the LoRA adapter merged into the base weights.")
     keep_best: bool = Field(

@@ -60,7 +60,8 @@ def _ds_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def _load(path: Path) -> dict:
+def load_deepspeed_file(path: Path) -> dict:
+    """One file of a DeepSpeed checkpoint, weights-only (its few DeepSpeed classes allowed by name)."""
     with torch.serialization.safe_globals(_ds_globals()):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
@@ -73,7 +74,7 @@ def deepspeed_shards(ckpt: Path) -> tuple[list[Path], list[Path]]:
     model = sorted(d.glob("*model_states.pt"), key=lambda p: _rank_of(p.name))
     if not optim or not model:
         raise EngineError(f"{ckpt}: no DeepSpeed optimizer shards in {d}")
-    world = _load(optim[0])["optimizer_state_dict"]["partition_count"]
+    world = load_deepspeed_file(optim[0])["optimizer_state_dict"]["partition_count"]
     world = max(world) if isinstance(world, list) else int(world)
     ranks = {_rank_of(p.name) for p in optim}
     missing = [r for r in range(world) if r not in ranks]
@@ -118,8 +119,8 @@ def _merge_zero3(flats: list[list[torch.Tensor]], shapes: list[dict], world: int
 
 def read_deepspeed(ckpt: Path, with_states: bool = True) -> PortableState:
     model_files, optim_files = deepspeed_shards(ckpt)
-    model_state = _load(model_files[0])
-    shards = [_load(p)["optimizer_state_dict"] for p in optim_files]
+    model_state = load_deepspeed_file(model_files[0])
+    shards = [load_deepspeed_file(p)["optimizer_state_dict"] for p in optim_files]
     stage = int(shards[0]["zero_stage"])
     if stage == 0:
         raise EngineError(f"{ckpt}: a DeepSpeed ZeRO-0 checkpoint cannot change layout (resume it with zero_stage=0 "

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import ROOT, run_inprocess, tiny_overrides, train_losses
+from conftest import ROOT, run_inprocess, run_main, tiny_overrides, train_losses
 from engine.config import validate_dict
 from engine.distributed import dist_env
 from engine.errors import EngineError
-from engine.portable import read_portable
+from engine.portable import load_deepspeed_file, read_portable
 from engine.train import TrainingRecipe
 from test_distributed import launch
 
@@ -165,9 +166,38 @@ def test_a_bad_gradient_on_one_rank_is_skipped_by_every_rank(corpus, tmp_path, s
     shards = sorted((ckpt(out, 6) / "deepspeed").glob("*optim_states.pt")) or [ckpt(out, 6) / "deepspeed" /
                                                                              "mp_rank_00_model_states.pt"]
     for shard in shards:
-        sd = torch.load(shard, weights_only=False)
+        sd = load_deepspeed_file(shard)
         opt = sd.get("optimizer_state_dict") or sd["optimizer"]
         base = opt.get("base_optimizer_state") or opt
         assert {float(s["step"]) for s in base["state"].values()} == {5.0}, shard.name
         weights = opt.get("single_partition_of_fp32_groups") or [p for p in sd.get("module", {}).values()]
         assert all(torch.isfinite(w).all() for w in weights)
+
+
+def test_export_from_zero3_shards_without_a_launcher(runs, tmp_path):
+    """`engine export` on a 2-rank ZeRO-3 checkpoint, in one process: the model equals DeepSpeed's own consolidation
+    of the shards, bit for bit."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    src = ckpt(runs["zero3"], 6)
+    rc, out, err = run_main(["export", src, "--out", tmp_path / "x"])
+    assert rc == 0, err
+    assert f"exported model from {src}" in out
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "x" / "model").state_dict()
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(src), tag="deepspeed")
+    for k, v in consolidated.items():
+        assert torch.equal(exported[k], v.contiguous()), k
+    rc, _, err = run_main(["export", runs["zero3"]])  # the run folder: its newest checkpoint, but it holds an export
+    assert rc != 0 and "already holds an export: pass --out DIR" in err and "Traceback" not in err
+
+
+def test_export_of_a_lora_run_equals_its_own_export(corpus, tmp_path):
+    out = tmp_path / "run"
+    run_inprocess(corpus, out, memory={"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}},
+                  train={"max_steps": 3}, optim={"lr": 1e-2})
+    rc, _, err = run_main(["export", out, "--out", tmp_path / "again"])
+    assert rc == 0, err
+    for kind, file in (("adapter", "adapter_model.safetensors"), ("model", "model.safetensors")):
+        a, b = load_file(out / kind / file), load_file(tmp_path / "again" / kind / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind

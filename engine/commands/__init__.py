@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from engine.commands import classify, evaluate, generate, plan, presets, report, train
+from engine.commands import classify, evaluate, export, generate, plan, presets, report, train
 
-COMMANDS = [train, plan, report, generate, evaluate, classify, presets]
+COMMANDS = [train, plan, report, generate, evaluate, classify, export, presets]
 
 
 def add_parser(subparsers, command) -> None:
