@@ -147,7 +147,7 @@ class MemoryConfig(Section):
     loss_chunk_size: int | None = Field(
         None, gt=0,
         description="Compute logits + cross-entropy this many tokens at a time, recomputed in backward: the full "
-        "[tokens x 50257] logits (and their fp32 copies) never exist. On the single-device backend the tied head's "
+        "[tokens x 50257] logits (and their fp32 copies) never exist. With optimizer_in_backward the tied head's "
         "weight gradient is also made at the end of backward, from the chunks' hidden states, instead of being held "
         "from the head's backward to the embedding's (vocab x hidden: 0.15 GiB bf16 / 0.30 GiB fp32 for gpt2-xl) at "
         "the cost of one more head forward. null: one pass.",

@@ -114,8 +114,8 @@ class _HeadLossWithDeferredWeightGrad(torch.autograd.Function):
 def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
                 defer_head_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss and its token count. With `chunk_size`, the head runs `chunk_size` tokens at a time;
-    with `defer_head_grad` too (single-process backends only: it hooks the weight itself), the tied head's weight
-    gradient is made at the end of backward (`DeferredHeadWeightGrad`)."""
+    with `defer_head_grad` too (the in-backward step, which frees gradients as they come; a single process: it hooks
+    the weight itself), the tied head's weight gradient is made at the end of backward (`DeferredHeadWeightGrad`)."""
     mask = batch.get("attention_mask")  # absent for packed data: SDPA then keeps its causal fast path
     # Shift the labels, not the logits: `logits[:, :-1]` would copy the whole [B, S, vocab] tensor
     # (196 MiB per 1024 tokens in fp32) at the step's peak. The last position predicts nothing.

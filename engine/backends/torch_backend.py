@@ -96,7 +96,7 @@ class TorchBackend(Backend):
         for mb in micro_batches:
             mb = self.to_device(mb)
             with self.autocast():
-                loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size, defer_head_grad=True)
+                loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size)
             # Dividing by the global token count makes accumulation exactly a token-weighted mean.
             self.scaler.scale(loss_sum / n_global).backward()
             loss_acc += loss_sum.detach().double()
@@ -202,6 +202,9 @@ class InBackwardBackend(TorchBackend):
         scale = self.loss_scale.scale if self.loss_scale else 1.0
         opt.inv_scale, opt.overflow = 1.0 / scale, False
         with self.autocast():
+            # Gradients are freed as they come here, so the tied head's, made at the start of backward and held to
+            # its end, would sit on every block's peak: made at the end instead (engine.loss.DeferredHeadWeightGrad).
+            # Not on the plain step: its gradient buffer peaks at the end, where the deferred work would add to it.
             loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size, defer_head_grad=True)
         (loss_sum * (scale / n)).backward()
         if self.loss_scale:
