@@ -84,8 +84,17 @@ class DataConfig(Section):
     )
     block_size: int = Field(1024, gt=1, description="Tokens per example (sequence length).")
     long_lines: Literal["split", "truncate"] = Field("split", description="line_by_line: lines longer than block_size are split or cut.")
-    validation_split: float = Field(0.0, ge=0.0, lt=0.5, description="Fraction of train held out when no validation file is given.")
+    validation_split: float | str = Field(
+        0.0, description="A fraction (0 to 0.5) of train held out when no validation file is given; with data.dataset, "
+        "also the name of the dataset's validation split (e.g. validation, test)."
+    )
     num_proc: int | None = Field(None, gt=0, description="Tokenizer worker processes (default: 1 for small corpora).")
+    dataset: str | None = Field(
+        None, description="A `datasets` dataset instead of data.train_file: a save_to_disk folder (DatasetDict or "
+        "Dataset), a folder or glob of parquet / JSON / CSV / text files (load_dataset's builders), or a hub id."
+    )
+    split: str = Field("train", description="data.dataset: the split to train on.")
+    test_split: str | None = Field(None, description="data.dataset: a split scored at the end of the run (test_*).")
     cache_dir: str | None = Field(None, description="Tokenized-data cache; default ~/.cache/gpt2-memengine.")
 
 
@@ -434,6 +443,30 @@ def check_combinations(cfg: RunConfig) -> None:
         if n_layer is not None and m.freeze.first_n_blocks >= n_layer:
             raise ValueError(f"memory.freeze.first_n_blocks={m.freeze.first_n_blocks} would freeze all {n_layer} blocks")
     check_task_and_eval(cfg)
+    check_data_source(cfg.data)
+
+
+def check_data_source(d: DataConfig) -> None:
+    """data.dataset against the file keys, and what data.validation_split may be."""
+    if isinstance(d.validation_split, str):
+        if d.dataset is None:
+            raise ValueError(f"data.validation_split={d.validation_split!r} names a split of data.dataset, which is "
+                             "unset: give a fraction (e.g. 0.1) with data.train_file, or set data.dataset")
+    elif not 0.0 <= d.validation_split < 0.5:
+        raise ValueError(f"data.validation_split={d.validation_split} must be a fraction from 0 up to 0.5 (or, with "
+                         "data.dataset, a split name)")
+    if d.dataset is None:
+        if d.test_split is not None:
+            raise ValueError("data.test_split names a split of data.dataset, which is unset: set data.dataset, or "
+                             "data.test_file for a file")
+        return
+    files = [k for k in ("train_file", "validation_file", "test_file") if getattr(d, k) is not None]
+    if files:
+        raise ValueError(f"data.dataset and data.{files[0]} are two sources: with data.dataset name its splits "
+                         "(data.split, data.validation_split, data.test_split), or unset data.dataset")
+    if d.format != "auto":
+        raise ValueError("data.format is for data.train_file; data.dataset reads files by their extension: unset "
+                         "data.format")
 
 
 def check_task_and_eval(cfg: RunConfig) -> None:

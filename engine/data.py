@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from engine.config import DataConfig
+from engine.dataset_source import describe, open_splits, pick_split, texts
 from engine.errors import DataError
 from engine.loss import IGNORE_INDEX
 from engine.records import SAMPLE_CORPUS, file_format, read_records
@@ -31,14 +32,18 @@ def read_documents(path: str | os.PathLike, fmt: str = "auto", text_field: str =
 # ----------------------------------------------------------------------------- tokenizing
 
 
+def cache_root(cfg: DataConfig) -> Path:
+    """The engine's data cache: tokenized splits, and what `load_dataset` builds from data files."""
+    return Path(cfg.cache_dir or os.environ.get("ENGINE_CACHE", Path.home() / ".cache" / "gpt2-memengine"))
+
+
 def _tokenize_docs(docs: list[str], tok, cfg: DataConfig, cache_key: str | None):
     """Token ids per document (EOS appended), through `datasets` so large corpora use num_proc and a disk cache."""
     from datasets import Dataset, load_from_disk
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    cache_root = Path(cfg.cache_dir or os.environ.get("ENGINE_CACHE", Path.home() / ".cache" / "gpt2-memengine"))
-    cache_path = cache_root / "tokenized" / cache_key if cache_key else None
+    cache_path = cache_root(cfg) / "tokenized" / cache_key if cache_key else None
     if cache_path is not None and (cache_path / "dataset_info.json").exists():
         try:
             return load_from_disk(str(cache_path))["ids"]
@@ -94,7 +99,7 @@ class TokenizedSplit:
         return len(self.examples)
 
 
-def build_split(name: str, path: Path, tok, cfg: DataConfig, docs: list[str] | None = None) -> TokenizedSplit:
+def build_split(name: str, path: Path | str, tok, cfg: DataConfig, docs: list[str] | None = None) -> TokenizedSplit:
     if docs is None:
         docs = read_documents(path, cfg.format, cfg.text_field)
     h = hashlib.sha256()
@@ -124,8 +129,28 @@ def hold_out(items: list, fraction: float, path: Path, what: str) -> tuple[list,
     return items[:-n_val], items[-n_val:]
 
 
-def load_splits(cfg: DataConfig, tok, with_test: bool = False) -> dict[str, TokenizedSplit]:
-    """train and validation (and test), validated and tokenized."""
+def dataset_split_roles(cfg: DataConfig) -> dict[str, tuple[str, str]]:
+    """data.dataset's splits by role: train / validation / test -> (split name, the key that names it)."""
+    roles = {"train": (cfg.split, "data.split")}
+    if isinstance(cfg.validation_split, str):
+        roles["validation"] = (cfg.validation_split, "data.validation_split")
+    if cfg.test_split is not None:
+        roles["test"] = (cfg.test_split, "data.test_split")
+    return roles
+
+
+def dataset_documents(cfg: DataConfig) -> dict[str, tuple[str, list[str]]]:
+    """data.dataset's documents by role, each with where it came from (for messages)."""
+    splits = open_splits(cfg.dataset, cache_root(cfg) / "datasets")
+    out = {}
+    for role, (name, key) in dataset_split_roles(cfg).items():
+        where = describe(cfg.dataset, name)
+        out[role] = (where, texts(pick_split(splits, name, cfg.dataset, key), cfg.text_field, where))
+    return out
+
+
+def file_documents(cfg: DataConfig, with_test: bool) -> dict[str, tuple[Path, list[str]]]:
+    """The documents of data.train_file / validation_file / test_file (the sample corpus when unset) by role."""
     train_path = Path(cfg.train_file) if cfg.train_file else SAMPLE_CORPUS["train"]
     if cfg.validation_file:
         val_path = Path(cfg.validation_file)
@@ -138,15 +163,18 @@ def load_splits(cfg: DataConfig, tok, with_test: bool = False) -> dict[str, Toke
     val_docs = read_documents(val_path, cfg.format, cfg.text_field) if val_path else None
     test_path = Path(cfg.test_file) if cfg.test_file else (SAMPLE_CORPUS["test"] if with_test and cfg.train_file is None else None)
     test_docs = read_documents(test_path, cfg.format, cfg.text_field) if test_path and with_test else None
-    if val_docs is None and cfg.validation_split > 0:
-        train_docs, val_docs = hold_out(train_docs, cfg.validation_split, train_path, "documents")
-        val_path = train_path
-    out = {"train": build_split("train", train_path, tok, cfg, train_docs)}
-    if val_docs is not None:
-        out["validation"] = build_split("validation", val_path, tok, cfg, val_docs)
-    if test_docs is not None:
-        out["test"] = build_split("test", test_path, tok, cfg, test_docs)
-    return out
+    found = {"train": (train_path, train_docs), "validation": (val_path, val_docs), "test": (test_path, test_docs)}
+    return {role: pair for role, pair in found.items() if pair[1] is not None}
+
+
+def load_splits(cfg: DataConfig, tok, with_test: bool = False) -> dict[str, TokenizedSplit]:
+    """train and validation (and test), validated and tokenized: from files or data.dataset."""
+    docs = dataset_documents(cfg) if cfg.dataset else file_documents(cfg, with_test)
+    if "validation" not in docs and not isinstance(cfg.validation_split, str) and cfg.validation_split > 0:
+        where, train_docs = docs["train"]
+        train_docs, val_docs = hold_out(train_docs, cfg.validation_split, where, "documents")
+        docs["train"], docs["validation"] = (where, train_docs), (where, val_docs)
+    return {role: build_split(role, where, tok, cfg, d) for role, (where, d) in docs.items()}
 
 
 # ----------------------------------------------------------------------------- batching
