@@ -95,6 +95,20 @@ class DataConfig(Section):
     )
     split: str = Field("train", description="data.dataset: the split to train on.")
     test_split: str | None = Field(None, description="data.dataset: a split scored at the end of the run (test_*).")
+    streaming: bool = Field(
+        False, description="data.dataset read as a stream (datasets IterableDataset) and packed on the fly: corpora "
+        "larger than RAM. In the stream's order (no shuffling); needs train.max_steps; a checkpoint saves the exact "
+        "stream position. Validation/test splits are read once, up to eval.max_batches."
+    )
+    prompt_field: str | None = Field(
+        None, description="Prompt/completion fine-tuning: the JSONL/CSV field (or dataset column) holding the prompt. The "
+        "loss counts the completion's tokens only (the prompt's labels are masked); works packed or line_by_line."
+    )
+    completion_field: str = Field("completion", description="With data.prompt_field: the field holding the completion.")
+    prompt_template: str = Field(
+        "{prompt}", description="With data.prompt_field: how a prompt is written before its completion ({prompt} is "
+        "replaced), e.g. 'Q: {prompt} A:'. `engine generate` writes prompts the same way."
+    )
     cache_dir: str | None = Field(None, description="Tokenized-data cache; default ~/.cache/gpt2-memengine.")
 
 
@@ -455,6 +469,18 @@ def check_data_source(d: DataConfig) -> None:
     elif not 0.0 <= d.validation_split < 0.5:
         raise ValueError(f"data.validation_split={d.validation_split} must be a fraction from 0 up to 0.5 (or, with "
                          "data.dataset, a split name)")
+    if d.prompt_field is not None and "{prompt}" not in d.prompt_template:
+        raise ValueError("data.prompt_template must contain {prompt} where the prompt goes, e.g. 'Q: {prompt} A:'")
+    if d.prompt_field is not None and d.format == "text":
+        raise ValueError("data.prompt_field reads fields, which plain text has not: use JSONL or CSV (data.format=auto, "
+                         "jsonl or csv) or data.dataset")
+    if d.streaming:
+        if d.dataset is None:
+            raise ValueError("data.streaming reads data.dataset as a stream: set data.dataset (a folder, files, a glob "
+                             "or a hub id), or data.streaming=false")
+        if not isinstance(d.validation_split, str) and d.validation_split > 0:
+            raise ValueError("data.streaming has no end to hold a fraction out from: name a validation split "
+                             "(data.validation_split=NAME) or set data.validation_split=0")
     if d.dataset is None:
         if d.test_split is not None:
             raise ValueError("data.test_split names a split of data.dataset, which is unset: set data.dataset, or "
@@ -477,13 +503,22 @@ def check_task_and_eval(cfg: RunConfig) -> None:
                              "does not have (its head outputs one score per label): unset memory.loss_chunk_size")
         if cfg.data.format == "text":
             raise ValueError("task=classification needs labelled rows: data.format=csv or jsonl (or auto with .csv/.jsonl files)")
-    elif cfg.data.format == "csv":
-        raise ValueError("data.format=csv is for task=classification; language-model data is text or jsonl")
+        if cfg.data.prompt_field is not None:
+            raise ValueError("data.prompt_field (prompt/completion fine-tuning) is for task=causal_lm: unset it, or "
+                             "set task=causal_lm")
+    elif cfg.data.format == "csv" and cfg.data.prompt_field is None:
+        raise ValueError("data.format=csv is for task=classification (or prompt/completion pairs with data.prompt_field); "
+                         "language-model text is text or jsonl")
     elif cfg.classification.labels is not None:
         raise ValueError("classification.labels is set but task=causal_lm: set task=classification or remove the key")
     if (cfg.eval.early_stopping.patience or cfg.checkpoint.keep_best) and not cfg.eval.every_n_steps:
         what = "eval.early_stopping.patience" if cfg.eval.early_stopping.patience else "checkpoint.keep_best"
         raise ValueError(f"{what} acts on periodic evals, but eval.every_n_steps=0: set eval.every_n_steps")
+    if cfg.data.streaming and cfg.train.max_steps is None:
+        raise ValueError("data.streaming: a stream's length is unknown, so epochs cannot be counted: set train.max_steps")
+    if cfg.data.streaming and cfg.task == "classification":
+        raise ValueError("data.streaming is for task=causal_lm (a classifier's label names need the whole train split): "
+                         "set data.streaming=false")
     labels = cfg.classification.labels
     if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
         raise ValueError("classification.labels needs at least two distinct names")
