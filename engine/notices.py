@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 LIBRARY_LOGGERS = ("bitsandbytes", "deepspeed", "DeepSpeed", "transformers", "peft", "datasets", "torch", "accelerate",
-                   "torchao", "py.warnings")
+                   "torchao", "optuna", "py.warnings")
 
 
 def library_log_path() -> Path:

@@ -62,6 +62,14 @@ from engine.streaming import StreamSampler, streamed_splits
 from engine.tokenizer import load_tokenizer
 
 
+class RunPruned(Exception):
+    """The caller's `on_eval` (e.g. a sweep's pruner) ended the run at a periodic eval; every rank raises it."""
+
+    def __init__(self, step: int):
+        super().__init__(f"run pruned at step {step}")
+        self.step = step
+
+
 def say(env: DistEnv, *msg) -> None:
     if env.is_main:
         print(*msg, flush=True)
@@ -171,8 +179,9 @@ class TrainingRecipe:
     """One run of `engine train`. Build it, then `setup_data()`, `setup_backend()`, `resume()`, and inside
     `with RunLog(...)`, `train()` and `finish()` (`run_training` does all of it)."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None):
-        self.env, self.stop = env, stop
+    def __init__(self, cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None, on_eval=None):
+        # on_eval(step, eval metrics) -> True ends the run (RunPruned) at that eval: a sweep's pruning.
+        self.env, self.stop, self.on_eval = env, stop, on_eval
         self.out = check_output_dir(cfg, resuming=bool(cfg.checkpoint.resume))
         # `memory.precision: auto` and the label names become concrete here: the run's own config says what it ran.
         self.device = pick_device(cfg.train.device)
@@ -341,6 +350,8 @@ class TrainingRecipe:
         self.state.best_val = min(self.state.best_val, ev["val_loss"])
         self.log.record({"step": step, **ev})
         self.log.say(f"step {step}: {eval_line(ev)}")
+        if self.on_eval is not None and self.backend.any_rank(bool(self.on_eval(step, ev))):
+            raise RunPruned(step)
         if self.stopper.update(step, ev["val_loss"]) and self.cfg.checkpoint.keep_best:
             self.checkpoint()  # the new best; kept past keep_last
         if self.stopper.should_stop:
@@ -459,14 +470,15 @@ def dry_run(cfg: RunConfig) -> dict:
     return plan
 
 
-def run_training(cfg: RunConfig) -> dict:
-    """`engine train`: the whole run; returns its summary (or, when a stop signal ended it, where it was saved)."""
+def run_training(cfg: RunConfig, on_eval=None) -> dict:
+    """`engine train`: the whole run; returns its summary (or, when a stop signal ended it, where it was saved).
+    `on_eval(step, eval metrics)`: called at each periodic eval; True ends the run there (`RunPruned`)."""
     env = dist_env()
     return_freed_host_memory()  # host RAM tracks the live tensors, not every temporary ever freed
     torch.manual_seed(cfg.train.seed)
     # SIGTERM/SIGINT during the run: finish the step, save, return (exit 0); handlers restored afterwards.
     with StopSignal() as stop:
-        recipe = TrainingRecipe(cfg, env, stop)
+        recipe = TrainingRecipe(cfg, env, stop, on_eval)
         recipe.setup_data()
         recipe.check_memory()
         recipe.setup_backend()

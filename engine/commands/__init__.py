@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from engine.commands import classify, evaluate, generate, plan, presets, report, train
+from engine.commands import classify, evaluate, generate, plan, presets, report, sweep, train
 
-COMMANDS = [train, plan, report, generate, evaluate, classify, presets]
+COMMANDS = [train, sweep, plan, report, generate, evaluate, classify, presets]
 
 
 def add_parser(subparsers, command) -> None:
