@@ -228,6 +228,8 @@ def run_trial(cfg: RunConfig, trial, env: DistEnv) -> tuple[str, float | None]:
     except EngineError as e:  # e.g. a learning rate that diverges: the sweep goes on
         say(env, f"trial failed: {e}")
         return "failed", None
+    if summary.get("preempted"):  # Ctrl-C / SIGTERM: the sweep stops; the trial stays running, to be run again
+        return "interrupted", None
     return "complete", summary.get("val_loss")
 
 
@@ -247,6 +249,9 @@ def run_sweep(base: RunConfig, space: SweepSpace, folder: Path) -> None:
         number, params = broadcast((trial.number, suggest(trial, space)) if env.is_main else None, env)
         say(env, f"\ntrial {number}: " + " ".join(f"{k}={v}" for k, v in params.items()))
         state, value = run_trial(trial_config(base, params, folder, number), trial, env)
+        if state == "interrupted":
+            say(env, f"sweep interrupted during trial {number}: the same command continues it (the trial runs again)")
+            return
         if env.is_main:
             tell(study, trial, state, value)
         say(env, f"trial {number}: {state}" + (f", val_loss {value:.4f}" if value is not None else ""))
