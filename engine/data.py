@@ -1,5 +1,6 @@
-"""Language-model data: files -> validated documents -> tokenized (cached, `datasets`) -> packed or line-by-line
-examples; and the batches of every task: one padded collate, the deterministic step sampler, eval batches.
+"""Language-model data: files or `data.dataset` -> validated documents (texts, or prompt/completion pairs whose
+prompt labels are masked) -> tokenized (cached, `datasets`) -> packed or line-by-line examples; and the batches of
+every task: one padded collate, the deterministic step sampler, eval batches.
 
 Every input problem (missing, empty, binary, non-UTF-8, bad JSONL, too small) is a `DataError`
 raised before a model is built, so a bad path never costs a model load.

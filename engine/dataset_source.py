@@ -106,8 +106,8 @@ def column_names(ds) -> list[str]:
     return list(names)
 
 
-def check_columns(ds, fields: list[str], where: str) -> None:
-    """Each of `fields` is a column of `ds`; the error lists the ones there are."""
+def check_columns(ds, fields: list[tuple[str, str]], where: str) -> None:
+    """Each of `fields` ((column, the key that names it)) is a column of `ds`; the error lists the ones there are."""
     have = column_names(ds)
     for f, key in fields:
         if f not in have:
