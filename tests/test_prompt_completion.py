@@ -117,3 +117,22 @@ def test_prompt_completion_file_problems_are_one_line(tmp_path):
     t.write_text("just text\n")
     rc, _, err = run_main(["train", "--dry-run", f"data.train_file={t}", "data.prompt_field=prompt"])
     assert rc == 2 and "prompt/completion pairs must be JSONL or CSV" in err, err
+
+
+def test_prompt_completion_rows_of_a_dataset(tmp_path, tok):
+    """data.dataset rows with prompt and completion columns: the same masked examples as the JSONL file gives; a row
+    with no completion is dropped; a missing column lists the ones there are."""
+    import datasets
+
+    from engine.data import load_splits
+
+    rows = {"prompt": [p["prompt"] for p in PAIRS] + ["orphan"], "answer": [p["answer"] for p in PAIRS] + [None]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "saved"))
+    from_rows = load_splits(data_config(tmp_path, dataset=str(tmp_path / "saved"), mode="line_by_line"), tok)["train"]
+    from_file = load_splits(data_config(tmp_path, train_file=str(write_pairs(tmp_path / "p.jsonl")),
+                                        mode="line_by_line"), tok)["train"]
+    assert from_rows.mode == "line_by_line_masked" and from_rows.examples == from_file.examples
+    from engine.errors import DataError
+
+    with pytest.raises(DataError, match=r"has no column 'completion' \(columns: prompt, answer\): set data.completion_field"):
+        load_splits(data_config(tmp_path, dataset=str(tmp_path / "saved")).model_copy(update={"completion_field": "completion"}), tok)
