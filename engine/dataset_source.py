@@ -62,6 +62,14 @@ def _hub_error(spec: str, e: Exception) -> DataError:
         f"and pass data.dataset={name} (the folder)")
 
 
+def root_cause(e: BaseException) -> str:
+    """The innermost error of a chain (datasets wraps a parse error in DatasetGenerationError), as one short line."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    text = str(e).splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def open_splits(spec: str, cache_dir: Path, streaming: bool = False) -> dict:
     """The named splits of `spec` (a split name -> Dataset, or IterableDataset when streaming)."""
     import datasets
@@ -69,7 +77,10 @@ def open_splits(spec: str, cache_dir: Path, streaming: bool = False) -> dict:
     _quiet()
     path = Path(spec).expanduser()
     if path.is_dir() and is_saved_dataset(path):
-        saved = datasets.load_from_disk(str(path))
+        try:
+            saved = datasets.load_from_disk(str(path))
+        except Exception as e:  # a damaged or partial save_to_disk folder
+            raise DataError(f"data.dataset={spec}: cannot load this save_to_disk folder ({root_cause(e)})") from None
         splits = dict(saved) if isinstance(saved, datasets.DatasetDict) else {"train": saved}
         return {k: v.to_iterable_dataset() for k, v in splits.items()} if streaming else splits
     # Local files and hub ids are cached apart: offline, datasets falls back to a cached dataset of the same name,
@@ -84,7 +95,7 @@ def open_splits(spec: str, cache_dir: Path, streaming: bool = False) -> dict:
     except DataError:
         raise
     except Exception as e:  # the builders' own parse errors: one line naming the source
-        raise DataError(f"data.dataset={spec}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise DataError(f"data.dataset={spec}: cannot read it ({root_cause(e)})") from None
     if _looks_like_path(spec):
         raise DataError(f"data.dataset={spec}: no such file or folder")
     try:

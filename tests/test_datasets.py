@@ -213,3 +213,13 @@ def test_a_streamed_run_resumes_exactly(lines, corpus, tmp_path):
 def test_streaming_settings_are_checked(args, needle):
     rc, _, err = run_main(["train", "--dry-run", *args])
     assert rc == 2 and needle in err and err.count("\n") == 1, err
+
+
+def test_unreadable_local_datasets_are_one_line_errors(tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "dataset_dict.json").write_text('{"splits": ["train"]}')  # save_to_disk cut short
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    for source, needle in ((tmp_path / "half", "cannot load this save_to_disk folder (FileNotFoundError: "),
+                           (tmp_path / "bad.jsonl", "cannot read it (")):
+        rc, _, err = run_main(["train", "--dry-run", f"data.dataset={source}", f"data.cache_dir={tmp_path / 'c'}"])
+        assert rc == 2 and err.count("\n") == 1 and needle in err, err
