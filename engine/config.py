@@ -84,8 +84,31 @@ class DataConfig(Section):
     )
     block_size: int = Field(1024, gt=1, description="Tokens per example (sequence length).")
     long_lines: Literal["split", "truncate"] = Field("split", description="line_by_line: lines longer than block_size are split or cut.")
-    validation_split: float = Field(0.0, ge=0.0, lt=0.5, description="Fraction of train held out when no validation file is given.")
+    validation_split: float | str = Field(
+        0.0, description="A fraction (0 to 0.5) of train held out when no validation file is given; with data.dataset, "
+        "also the name of the dataset's validation split (e.g. validation, test)."
+    )
     num_proc: int | None = Field(None, gt=0, description="Tokenizer worker processes (default: 1 for small corpora).")
+    dataset: str | None = Field(
+        None, description="A `datasets` dataset instead of data.train_file: a save_to_disk folder (DatasetDict or "
+        "Dataset), a folder or glob of parquet / JSON / CSV / text files (load_dataset's builders), or a hub id."
+    )
+    split: str = Field("train", description="data.dataset: the split to train on.")
+    test_split: str | None = Field(None, description="data.dataset: a split scored at the end of the run (test_*).")
+    streaming: bool = Field(
+        False, description="data.dataset read as a stream (datasets IterableDataset) and packed on the fly: corpora "
+        "larger than RAM. In the stream's order (no shuffling); needs train.max_steps; a checkpoint saves the exact "
+        "stream position. Validation/test splits are read once, up to eval.max_batches."
+    )
+    prompt_field: str | None = Field(
+        None, description="Prompt/completion fine-tuning: the JSONL/CSV field (or dataset column) holding the prompt. The "
+        "loss counts the completion's tokens only (the prompt's labels are masked); works packed or line_by_line."
+    )
+    completion_field: str = Field("completion", description="With data.prompt_field: the field holding the completion.")
+    prompt_template: str = Field(
+        "{prompt}", description="With data.prompt_field: how a prompt is written before its completion ({prompt} is "
+        "replaced), e.g. 'Q: {prompt} A:'. `engine generate` writes prompts the same way."
+    )
     cache_dir: str | None = Field(None, description="Tokenized-data cache; default ~/.cache/gpt2-memengine.")
 
 
@@ -439,6 +462,42 @@ def check_combinations(cfg: RunConfig) -> None:
         if n_layer is not None and m.freeze.first_n_blocks >= n_layer:
             raise ValueError(f"memory.freeze.first_n_blocks={m.freeze.first_n_blocks} would freeze all {n_layer} blocks")
     check_task_and_eval(cfg)
+    check_data_source(cfg.data)
+
+
+def check_data_source(d: DataConfig) -> None:
+    """data.dataset against the file keys, and what data.validation_split may be."""
+    if isinstance(d.validation_split, str):
+        if d.dataset is None:
+            raise ValueError(f"data.validation_split={d.validation_split!r} names a split of data.dataset, which is "
+                             "unset: give a fraction (e.g. 0.1) with data.train_file, or set data.dataset")
+    elif not 0.0 <= d.validation_split < 0.5:
+        raise ValueError(f"data.validation_split={d.validation_split} must be a fraction from 0 up to 0.5 (or, with "
+                         "data.dataset, a split name)")
+    if d.prompt_field is not None and "{prompt}" not in d.prompt_template:
+        raise ValueError("data.prompt_template must contain {prompt} where the prompt goes, e.g. 'Q: {prompt} A:'")
+    if d.prompt_field is not None and d.format == "text":
+        raise ValueError("data.prompt_field reads fields, which plain text has not: use JSONL or CSV (data.format=auto, "
+                         "jsonl or csv) or data.dataset")
+    if d.streaming:
+        if d.dataset is None:
+            raise ValueError("data.streaming reads data.dataset as a stream: set data.dataset (a folder, files, a glob "
+                             "or a hub id), or data.streaming=false")
+        if not isinstance(d.validation_split, str) and d.validation_split > 0:
+            raise ValueError("data.streaming has no end to hold a fraction out from: name a validation split "
+                             "(data.validation_split=NAME) or set data.validation_split=0")
+    if d.dataset is None:
+        if d.test_split is not None:
+            raise ValueError("data.test_split names a split of data.dataset, which is unset: set data.dataset, or "
+                             "data.test_file for a file")
+        return
+    files = [k for k in ("train_file", "validation_file", "test_file") if getattr(d, k) is not None]
+    if files:
+        raise ValueError(f"data.dataset and data.{files[0]} are two sources: with data.dataset name its splits "
+                         "(data.split, data.validation_split, data.test_split), or unset data.dataset")
+    if d.format != "auto":
+        raise ValueError("data.format is for data.train_file; data.dataset reads files by their extension: unset "
+                         "data.format")
 
 
 def check_task_and_eval(cfg: RunConfig) -> None:
@@ -449,13 +508,22 @@ def check_task_and_eval(cfg: RunConfig) -> None:
                              "does not have (its head outputs one score per label): unset memory.loss_chunk_size")
         if cfg.data.format == "text":
             raise ValueError("task=classification needs labelled rows: data.format=csv or jsonl (or auto with .csv/.jsonl files)")
-    elif cfg.data.format == "csv":
-        raise ValueError("data.format=csv is for task=classification; language-model data is text or jsonl")
+        if cfg.data.prompt_field is not None:
+            raise ValueError("data.prompt_field (prompt/completion fine-tuning) is for task=causal_lm: unset it, or "
+                             "set task=causal_lm")
+    elif cfg.data.format == "csv" and cfg.data.prompt_field is None:
+        raise ValueError("data.format=csv is for task=classification (or prompt/completion pairs with data.prompt_field); "
+                         "language-model text is text or jsonl")
     elif cfg.classification.labels is not None:
         raise ValueError("classification.labels is set but task=causal_lm: set task=classification or remove the key")
     if (cfg.eval.early_stopping.patience or cfg.checkpoint.keep_best) and not cfg.eval.every_n_steps:
         what = "eval.early_stopping.patience" if cfg.eval.early_stopping.patience else "checkpoint.keep_best"
         raise ValueError(f"{what} acts on periodic evals, but eval.every_n_steps=0: set eval.every_n_steps")
+    if cfg.data.streaming and cfg.train.max_steps is None:
+        raise ValueError("data.streaming: a stream's length is unknown, so epochs cannot be counted: set train.max_steps")
+    if cfg.data.streaming and cfg.task == "classification":
+        raise ValueError("data.streaming is for task=causal_lm (a classifier's label names need the whole train split): "
+                         "set data.streaming=false")
     labels = cfg.classification.labels
     if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
         raise ValueError("classification.labels needs at least two distinct names")

@@ -17,6 +17,7 @@ import torch
 from engine.artifacts import load_trained
 from engine.config import SampleConfig
 from engine.errors import ConfigError, EngineError
+from engine.records import PROMPT_SLOT, fill_prompt
 
 SAMPLING_ONLY = ("temperature", "top_k", "top_p")
 
@@ -46,14 +47,23 @@ def check_prompts(prompts: list[str], tok, context: int) -> list[list[int]]:
     return out
 
 
+def check_template(template: str, what: str = "--prompt-template") -> str:
+    if PROMPT_SLOT not in template:
+        raise ConfigError(f"{what} must contain {PROMPT_SLOT} where the prompt goes, e.g. 'Q: {PROMPT_SLOT} A:'")
+    return template
+
+
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], s: SampleConfig, context: int | None = None, warn=None) -> list[dict]:
-    """Continue each prompt `s.num_sequences` times. One record per sequence:
-    prompt, completion (cut before a stop string), text (= prompt + completion), new_tokens, stop_reason."""
+def generate(model, tok, prompts: list[str], s: SampleConfig, context: int | None = None, warn=None,
+             template: str = PROMPT_SLOT) -> list[dict]:
+    """Continue each prompt `s.num_sequences` times, each written into `template` first (the prompt template of
+    prompt/completion training). One record per sequence: prompt (as given), completion (cut before a stop string),
+    text (= the templated prompt + completion), new_tokens, stop_reason."""
     if s.max_new_tokens < 1:
         raise ConfigError("max_new_tokens must be at least 1 to generate anything")
     context = context or int(getattr(model.config, "n_positions", 1024))
-    all_ids = check_prompts(prompts, tok, context)
+    written = [fill_prompt(check_template(template), p) for p in prompts]
+    all_ids = check_prompts(written, tok, context)
     eos = _eos_ids(model, tok, s.stop)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     device = next(model.parameters()).device
@@ -67,7 +77,7 @@ def generate(model, tok, prompts: list[str], s: SampleConfig, context: int | Non
         kw.update(stop_strings=list(s.stop), tokenizer=tok)
     torch.manual_seed(s.seed)
     records = []
-    for i, (prompt, ids) in enumerate(zip(prompts, all_ids), 1):
+    for i, (prompt, shown, ids) in enumerate(zip(prompts, written, all_ids), 1):
         room = context - len(ids)
         n_new = min(s.max_new_tokens, room)
         if n_new < s.max_new_tokens and warn:
@@ -86,12 +96,13 @@ def generate(model, tok, prompts: list[str], s: SampleConfig, context: int | Non
             if hits:
                 completion, reason = completion[: min(hits)[0]], "stop"
             records.append({"prompt_index": i, "sequence": j, "prompt": prompt, "completion": completion,
-                            "text": prompt + completion, "new_tokens": len(new), "stop_reason": reason})
+                            "text": shown + completion, "new_tokens": len(new), "stop_reason": reason})
     return records
 
 
-def sample_text(model_dir: Path, sample: SampleConfig, seed: int | None = None) -> str:
-    """The end-of-run sample: `sample.prompt` continued once from an exported model folder."""
+def sample_text(model_dir: Path, sample: SampleConfig, seed: int | None = None, template: str = PROMPT_SLOT) -> str:
+    """The end-of-run sample: `sample.prompt` (written into the run's prompt template) continued once from an
+    exported model folder."""
     trained = load_trained(str(model_dir), "causal_lm", device="cpu")
     s = sample.model_copy(update={"num_sequences": 1, **({"seed": seed} if seed is not None else {})})
-    return generate(trained.model, trained.tokenizer, [s.prompt], s, trained.context)[0]["text"]
+    return generate(trained.model, trained.tokenizer, [s.prompt], s, trained.context, template=template)[0]["text"]

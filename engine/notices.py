@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 LIBRARY_LOGGERS = ("bitsandbytes", "deepspeed", "DeepSpeed", "transformers", "peft", "datasets", "torch", "accelerate",
-                   "torchao", "py.warnings")
+                   "torchao", "optuna", "py.warnings")
 
 
 def library_log_path() -> Path:
@@ -47,6 +47,16 @@ def library_notices_to_file(path: Path):
             lg.handlers[:] = handlers
             lg.propagate = propagate
         handler.close()
+
+
+def drop_late_console_handler(name: str) -> None:
+    """A library imported while the notices are routed (`datasets`, imported on first use) adds its console handler
+    after the routing did: drop it, so its notices go to the file too. Outside the routing nothing changes."""
+    lg = logging.getLogger(name)
+    console = [h for h in lg.handlers if type(h) is logging.StreamHandler]
+    if console and not lg.propagate and len(console) < len(lg.handlers):
+        for h in console:
+            lg.removeHandler(h)
 
 
 WORKER_STDERR = "ENGINE_WORKER_STDERR"

@@ -116,3 +116,47 @@ def read_records(path: str | Path, fmt: str = "auto", text_field: str = "text", 
     if not out:
         raise DataError(f"data file has no text: {p}")
     return out
+
+
+PROMPT_SLOT = "{prompt}"
+
+
+def fill_prompt(template: str, prompt: str) -> str:
+    """A prompt as prompt/completion training writes it before the completion (`data.prompt_template`, `{prompt}`
+    replaced); `engine generate` writes prompts the same way, so sampling sees what training saw."""
+    return template.replace(PROMPT_SLOT, prompt)
+
+
+def _pair(obj: dict, where: str, prompt_field: str, completion_field: str) -> tuple[str, str]:
+    for f, key in ((prompt_field, "data.prompt_field"), (completion_field, "data.completion_field")):
+        if f not in obj:
+            raise DataError(f"{where}: no {f!r} field (fields: {', '.join(obj)}); set {key}")
+        if not isinstance(obj[f], str):
+            raise DataError(f"{where}: field {f!r} is not a string")
+    if not obj[completion_field].strip():
+        raise DataError(f"{where}: empty completion in {completion_field!r} (nothing to learn)")
+    return obj[prompt_field], obj[completion_field]
+
+
+def read_prompt_completions(path: str | Path, fmt: str, prompt_field: str, completion_field: str) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs of a JSONL or CSV file (`data.prompt_field`, `data.completion_field`)."""
+    p = Path(path)
+    kind = file_format(p, fmt)
+    text = read_text_file(p)
+    if kind == "csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        return [_pair(r, f"{p} line {i}", prompt_field, completion_field) for i, r in enumerate(reader, 2)]
+    if kind != "jsonl":
+        raise DataError(f"{p}: prompt/completion pairs must be JSONL or CSV (.jsonl/.csv, or set data.format)")
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p} line {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{p} line {i}: not a JSON object")
+        out.append(_pair(obj, f"{p} line {i}", prompt_field, completion_field))
+    return out

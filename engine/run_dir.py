@@ -60,6 +60,7 @@ def run_layout(cfg: RunConfig, world_size: int, global_batch: int, tokenizer) ->
         "master_weights": cfg.memory.master_weights,
         "lora": cfg.memory.lora.model_dump() if cfg.memory.lora.enabled else None,
         "freeze": cfg.memory.freeze.model_dump(),
+        "streaming": cfg.data.streaming,  # a stream's checkpoint holds its position, a shuffled split's does not
     }
 
 

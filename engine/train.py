@@ -60,7 +60,16 @@ from engine.run_dir import (
     run_layout,
     truncate_metrics,
 )
+from engine.streaming import StreamSampler, streamed_splits
 from engine.tokenizer import load_tokenizer
+
+
+class RunPruned(Exception):
+    """The caller's `on_eval` (e.g. a sweep's pruner) ended the run at a periodic eval; every rank raises it."""
+
+    def __init__(self, step: int):
+        super().__init__(f"run pruned at step {step}")
+        self.step = step
 
 
 def say(env: DistEnv, *msg) -> None:
@@ -83,8 +92,9 @@ class TrainState:
         epoch, in_epoch = divmod(self.step, steps_per_epoch)
         return {"epoch": epoch, "step_in_epoch": in_epoch, "shuffle_seed": seed}
 
-    def state_dict(self, steps_per_epoch: int, seed: int) -> dict:
-        data = self.data_position(steps_per_epoch, seed)
+    def state_dict(self, steps_per_epoch: int | None, seed: int, stream: dict | None = None) -> dict:
+        """`stream`: a streamed run's position (data.streaming), which the step alone does not give."""
+        data = stream if stream is not None else self.data_position(steps_per_epoch, seed)
         return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val, "data": data,
                 "epoch": data["epoch"]}
 
@@ -171,8 +181,9 @@ class TrainingRecipe:
     """One run of `engine train`. Build it, then `setup_data()`, `setup_backend()`, `resume()`, and inside
     `with RunLog(...)`, `train()` and `finish()` (`run_training` does all of it)."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None):
-        self.env, self.stop = env, stop
+    def __init__(self, cfg: RunConfig, env: DistEnv, stop: StopSignal | None = None, on_eval=None):
+        # on_eval(step, eval metrics) -> True ends the run (RunPruned) at that eval: a sweep's pruning.
+        self.env, self.stop, self.on_eval = env, stop, on_eval
         self.out = check_output_dir(cfg, resuming=bool(cfg.checkpoint.resume))
         # `memory.precision: auto` and the label names become concrete here: the run's own config says what it ran.
         self.device = pick_device(cfg.train.device)
@@ -186,20 +197,15 @@ class TrainingRecipe:
     # -- setup, one job each ----------------------------------------------------------------------------------------
     def setup_data(self) -> None:
         """Tokenizer, splits, sampler, the run's plan and layout. Data first: a bad file costs seconds, not a model."""
-        cfg, env = self.cfg, self.env
-        self.tok = load_tokenizer(cfg.model)
-        if cfg.task == "classification":
-            self.splits, labels = load_classification_splits(cfg, self.tok)
-            self.cfg = cfg = cfg.updated({"classification.labels": labels})  # label names travel with the run
-        else:
-            self.splits = load_splits(cfg.data, self.tok, with_test=cfg.data.test_file is not None)
-        accum = cfg.train.accum_steps(env.world_size)
-        self.sampler = StepSampler(self.splits["train"], cfg.train.micro_batch_size, accum, env.world_size, env.rank,
-                                   cfg.train.seed, self.tok.pad_token_id)
+        env = self.env
+        self.tok = load_tokenizer(self.cfg.model)
+        self.sampler = self.make_sampler()
+        cfg = self.cfg  # classification: now with its label names
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
-        g = self.sampler.global_batch
+        g, accum = self.sampler.global_batch, self.sampler.accum
+        train_examples = len(self.splits["train"]) if "train" in self.splits else None  # a stream's is unknown
         self.plan = {"backend": cfg.backend_for(env.world_size), "world_size": env.world_size,
-                     "grad_accum_steps": accum, "global_batch": g, "train_examples": len(self.splits["train"]),
+                     "grad_accum_steps": accum, "global_batch": g, "train_examples": train_examples,
                      "steps_per_epoch": self.sampler.steps_per_epoch, "total_steps": self.total_steps,
                      "tokens_per_step": g * cfg.data.block_size, "precision": cfg.memory.precision}
         self.layout = run_layout(cfg, env.world_size, g, self.tok)
@@ -214,6 +220,22 @@ class TrainingRecipe:
         val = self.splits.get("validation")
         self.val_batches = (eval_batches(val, cfg.train.micro_batch_size, self.tok.pad_token_id, cfg.eval.max_batches)
                             if val else [])
+
+    def make_sampler(self) -> StepSampler | StreamSampler:
+        """The splits (classification: label names become part of the run's config) and the train sampler."""
+        cfg, env = self.cfg, self.env
+        accum, micro = cfg.train.accum_steps(env.world_size), cfg.train.micro_batch_size
+        if cfg.data.streaming:
+            max_eval = cfg.eval.max_batches * micro if cfg.eval.max_batches else None
+            stream, self.splits = streamed_splits(cfg.data, self.tok, max_eval)
+            return StreamSampler(stream, micro, accum, env.world_size, env.rank, self.tok.pad_token_id)
+        if cfg.task == "classification":
+            self.splits, labels = load_classification_splits(cfg, self.tok)
+            self.cfg = cfg.updated({"classification.labels": labels})  # label names travel with the run
+        else:
+            self.splits = load_splits(cfg.data, self.tok, with_test=cfg.data.test_file is not None)
+        return StepSampler(self.splits["train"], micro, accum, env.world_size, env.rank, cfg.train.seed,
+                           self.tok.pad_token_id)
 
     def check_memory(self) -> None:
         """The pre-flight: stop before loading a model predicted not to fit (engine/preflight.py)."""
@@ -257,6 +279,8 @@ class TrainingRecipe:
         if self.env.is_main:
             truncate_metrics(self.out / METRICS, st["step"])
         self.state.load_state_dict(st, path)
+        if isinstance(self.sampler, StreamSampler):
+            self.sampler.load_position(st["data"])
         self.guard.load_state_dict(st.get("guard", {}))
         self.stopper.load_state_dict(st.get("early_stopping"))
         say(self.env, f"resumed from {path} at step {self.state.step}")
@@ -295,12 +319,10 @@ class TrainingRecipe:
     def run_steps(self) -> Path | None:
         """The step loop itself (nanoGPT-style: one screen, top to bottom)."""
         st, sampler, backend = self.state, self.sampler, self.backend
-        t_last, tok_last, perm_epoch, perm = time.perf_counter(), st.tokens_seen, -1, None
+        t_last, tok_last = time.perf_counter(), st.tokens_seen
         while st.step < self.total_steps and not self.stopper.should_stop:
-            epoch, in_epoch = divmod(st.step, sampler.steps_per_epoch)
-            if epoch != perm_epoch:
-                perm_epoch, perm = epoch, sampler.permutation(epoch)
-            stats = backend.train_step(sampler.micro_batches(epoch, in_epoch, perm))
+            epoch, batches = sampler.step_batches(st.step)
+            stats = backend.train_step(batches)
             st.step += 1
             st.tokens_seen += stats.tokens
             self.first_loss = stats.loss if self.first_loss is None else self.first_loss
@@ -351,6 +373,8 @@ class TrainingRecipe:
         self.state.best_val = min(self.state.best_val, ev["val_loss"])
         self.log.record({"step": step, **ev})
         self.log.say(f"step {step}: {eval_line(ev)}")
+        if self.on_eval is not None and self.backend.any_rank(bool(self.on_eval(step, ev))):
+            raise RunPruned(step)
         if self.stopper.update(step, ev["val_loss"]) and self.cfg.checkpoint.keep_best:
             self.checkpoint()  # the new best; kept past keep_last
         if self.stopper.should_stop:
@@ -373,7 +397,8 @@ class TrainingRecipe:
         st = self.state
         if st.last_checkpoint is not None and st.last_checkpoint.name == checkpoint_name(st.step):
             return st.last_checkpoint  # already saved at this step
-        trainer_state = {**st.state_dict(self.sampler.steps_per_epoch, self.cfg.train.seed),
+        stream = self.sampler.position() if isinstance(self.sampler, StreamSampler) else None
+        trainer_state = {**st.state_dict(self.sampler.steps_per_epoch, self.cfg.train.seed, stream),
                          "guard": self.guard.state_dict(), "layout": self.layout, "early_stopping": self.stopper.state_dict()}
         keep = kept_checkpoints(self.stopper.best_checkpoint_name() if self.cfg.checkpoint.keep_best else None,
                                 bool(self.guard.run), st.last_good)
@@ -435,7 +460,8 @@ class TrainingRecipe:
         if self.env.is_main:
             cfg = self.cfg
             if "model" in summary.get("export", {}) and cfg.sample.max_new_tokens and cfg.task == "causal_lm":
-                text = sample_text(Path(summary["export"]["model"]), cfg.sample)
+                template = cfg.data.prompt_template if cfg.data.prompt_field is not None else "{prompt}"
+                text = sample_text(Path(summary["export"]["model"]), cfg.sample, template=template)
                 summary["sample"] = text
                 print(f"\nsample ({cfg.sample.prompt!r}):\n{text}\n", flush=True)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -467,14 +493,15 @@ def dry_run(cfg: RunConfig) -> dict:
     return plan
 
 
-def run_training(cfg: RunConfig) -> dict:
-    """`engine train`: the whole run; returns its summary (or, when a stop signal ended it, where it was saved)."""
+def run_training(cfg: RunConfig, on_eval=None) -> dict:
+    """`engine train`: the whole run; returns its summary (or, when a stop signal ended it, where it was saved).
+    `on_eval(step, eval metrics)`: called at each periodic eval; True ends the run there (`RunPruned`)."""
     env = dist_env()
     return_freed_host_memory()  # host RAM tracks the live tensors, not every temporary ever freed
     torch.manual_seed(cfg.train.seed)
     # SIGTERM/SIGINT during the run: finish the step, save, return (exit 0); handlers restored afterwards.
     with StopSignal() as stop:
-        recipe = TrainingRecipe(cfg, env, stop)
+        recipe = TrainingRecipe(cfg, env, stop, on_eval)
         recipe.setup_data()
         recipe.check_memory()
         recipe.setup_backend()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from engine.commands import classify, evaluate, export, generate, plan, presets, report, train
+from engine.commands import classify, evaluate, export, generate, plan, presets, report, sweep, train
 
-COMMANDS = [train, plan, report, generate, evaluate, classify, export, presets]
+COMMANDS = [train, sweep, plan, report, generate, evaluate, classify, export, presets]
 
 
 def add_parser(subparsers, command) -> None:

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from engine.artifacts import load_trained, run_config_of
 from engine.config import SampleConfig
 from engine.errors import ConfigError, EngineError
-from engine.generate import SAMPLING_ONLY, generate
+from engine.generate import SAMPLING_ONLY, check_template, generate
+from engine.records import PROMPT_SLOT
 
 NAME = "generate"
 HELP = ('write text with a trained model (full model, ZeRO export or LoRA adapter): greedy or sampling, stop '
@@ -45,6 +46,10 @@ def add_arguments(p) -> None:
         default = fields[name].get_default(call_default_factory=True)
         shown = "" if kw.get("action") == "store_true" else f" (default {default!r})"
         p.add_argument(flag, dest=name, help=(fields[name].description or "") + shown, **{"default": None, **kw})
+    p.add_argument("--prompt-template", metavar="TEMPLATE", default=None,
+                   help="write each prompt into this template first ({prompt} is replaced), as prompt/completion "
+                        "training did (default: the run's data.prompt_template when it trained on prompt/completion "
+                        "pairs, else the prompt as given)")
     p.add_argument("--output", "-o", choices=("text", "jsonl"), default="text",
                    help="text: the prompt and its continuation; jsonl: one object per sequence (prompt, completion, "
                         "text, new_tokens, stop_reason)")
@@ -97,6 +102,16 @@ def sample_settings(args, run_sample: SampleConfig | None) -> SampleConfig:
         raise ConfigError(f"{flag}: {msg}" if key else msg) from None
 
 
+def prompt_template(args) -> str:
+    """--prompt-template, else the template the model was trained with (a run folder, its model/ or adapter/)."""
+    if args.prompt_template is not None:
+        return check_template(args.prompt_template)
+    trained_in = run_config_of(args.model)
+    if trained_in is not None and trained_in.data.prompt_field is not None:
+        return trained_in.data.prompt_template
+    return PROMPT_SLOT
+
+
 def run(args) -> int:
     # Settings and prompts first: a typo costs no model load.
     run_cfg = run_config_of(args.model) if Path(args.model).joinpath("run.json").is_file() else None
@@ -108,9 +123,10 @@ def run(args) -> int:
         prompts += _read_prompts(args.prompts_file)
     if not prompts:
         prompts = [s.prompt]
+    template = prompt_template(args)
     trained = load_trained(args.model, "causal_lm", base=args.base, device=args.device)
     records = generate(trained.model, trained.tokenizer, prompts, s, trained.context,
-                       warn=lambda m: print(m, file=sys.stderr))
+                       warn=lambda m: print(m, file=sys.stderr), template=template)
     for r in records:
         if args.output == "jsonl":
             print(json.dumps(r, ensure_ascii=False), flush=True)
