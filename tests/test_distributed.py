@@ -29,15 +29,13 @@ def single(corpus, tmp_path_factory):
     return run_inprocess(corpus, out, train={"micro_batch_size": 4})[1]
 
 
-@pytest.mark.parametrize("stage,port", [(1, 29610), (2, 29611), (3, 29612)])
-def test_two_rank_zero_matches_single_process(corpus, tmp_path, single, stage, port):
-    """Same global batch, fp32, dropout 0: 2-rank ZeRO losses equal the single process within 1e-4, and the
-    exported HF model is exactly the consolidated weights of DeepSpeed's own checkpoint.
-
-    Memory, in the same runs (`logging.track_memory`): rank 0's tracked parameter + optimizer-state bytes equal
-    `zero_model_states` (within 1%; under ZeRO-3 the tracker finds the parameter partitions inside the optimizer,
-    so the two categories are compared as a sum), and rank 0's whole tracked peak, reduce bucket included, equals
-    the simulated 2-rank peak within 5%."""
+def check_zero_run(out: Path, overrides: dict, stage: int) -> None:
+    """A 2-rank ZeRO run against DeepSpeed and the simulator: the exported HF model is exactly the consolidated
+    weights of DeepSpeed's own last checkpoint; rank 0's tracked parameter + optimizer-state bytes
+    (`logging.track_memory`) equal `zero_model_states` (within 1%; under ZeRO-3 the tracker finds the parameter
+    partitions inside the optimizer, so the two categories are compared as a sum), and rank 0's whole tracked peak,
+    reduce bucket included, equals the simulated 2-rank peak within 5%. (ZeRO-2 and ZeRO-3 runs of
+    tests/test_layout_change.py are checked with it too.)"""
     import json
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -46,11 +44,6 @@ def test_two_rank_zero_matches_single_process(corpus, tmp_path, single, stage, p
     from engine.config import load_config
     from engine.memory.simulate import simulate, zero_model_states
 
-    out = tmp_path / "run"
-    overrides = tiny_overrides(corpus, out, memory={"zero_stage": stage}, train={"micro_batch_size": 2},
-                               logging={"track_memory": True})
-    launch(overrides, port)
-    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(single), rtol=0, atol=1e-4)
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")
     exported = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
@@ -65,6 +58,18 @@ def test_two_rank_zero_matches_single_process(corpus, tmp_path, single, stage, p
     assert sim.peak_bytes == pytest.approx(tracked["peak_mib"] * 2**20, rel=0.05)
     if stage >= 2:
         assert tracked["gradients_mib"] * 2**20 >= 5e7 * 4  # the reduce bucket dominates a tiny model's peak
+
+
+def test_two_rank_zero1_matches_single_process(corpus, tmp_path, single):
+    """Same global batch, fp32, dropout 0: 2-rank ZeRO-1 losses equal the single process within 1e-4; its export,
+    tracked memory and simulation as `check_zero_run` says. (ZeRO-2 and ZeRO-3 against one process:
+    tests/test_layout_change.py.)"""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(corpus, out, memory={"zero_stage": 1}, train={"micro_batch_size": 2},
+                               logging={"track_memory": True})
+    launch(overrides, 29610)
+    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(single), rtol=0, atol=1e-4)
+    check_zero_run(out, overrides, 1)
 
 
 def test_two_rank_zero2_resume_is_bitwise_equal(corpus, tmp_path):
