@@ -115,7 +115,12 @@ def set_schedule_position(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: i
 def set_param_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
     """One parameter's optimizer state, from a layout-free checkpoint (engine.portable), on the parameter's device;
     the step count stays a CPU scalar as torch's AdamW keeps it."""
-    optimizer.state[param] = {k: v.clone() if k == "step" else v.to(param.device, copy=True) for k, v in state.items()}
+    def copy(key: str, value):
+        if not isinstance(value, torch.Tensor):  # bitsandbytes keeps its step count as an int
+            return value
+        return value.clone() if key == "step" else value.to(param.device, copy=True)
+
+    optimizer.state[param] = {k: copy(k, v) for k, v in state.items()}
 
 
 def stochastic_round_to_bf16(x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from engine.errors import EngineError
 
 DS_TAG = "deepspeed"
+PARAM_NAMES = "param_names.json"  # ZeRO-0: the client optimizer's parameters by name, in its order
 
 
 class NotPortable(EngineError):
@@ -72,8 +73,10 @@ def deepspeed_shards(ckpt: Path) -> tuple[list[Path], list[Path]]:
     d = ckpt / DS_TAG
     optim = sorted(d.glob("*_optim_states.pt"), key=lambda p: _rank_of(p.name))
     model = sorted(d.glob("*model_states.pt"), key=lambda p: _rank_of(p.name))
-    if not optim or not model:
-        raise EngineError(f"{ckpt}: no DeepSpeed optimizer shards in {d}")
+    if not model:
+        raise EngineError(f"{ckpt}: no DeepSpeed model states in {d}")
+    if not optim:  # ZeRO-0: the whole optimizer state is in the model-state file
+        return model, []
     world = load_deepspeed_file(optim[0])["optimizer_state_dict"]["partition_count"]
     world = max(world) if isinstance(world, list) else int(world)
     ranks = {_rank_of(p.name) for p in optim}
@@ -120,11 +123,10 @@ def _merge_zero3(flats: list[list[torch.Tensor]], shapes: list[dict], world: int
 def read_deepspeed(ckpt: Path, with_states: bool = True) -> PortableState:
     model_files, optim_files = deepspeed_shards(ckpt)
     model_state = load_deepspeed_file(model_files[0])
+    if not optim_files:
+        return _read_deepspeed_zero0(ckpt, model_state, with_states)
     shards = [load_deepspeed_file(p)["optimizer_state_dict"] for p in optim_files]
     stage = int(shards[0]["zero_stage"])
-    if stage == 0:
-        raise EngineError(f"{ckpt}: a DeepSpeed ZeRO-0 checkpoint cannot change layout (resume it with zero_stage=0 "
-                          "on the same number of ranks)")
     shapes = model_state["param_shapes"]
     world = len(shards)
     base = [s["base_optimizer_state"] if stage <= 2 else s["optimizer_state_dict"] for s in shards]
@@ -157,6 +159,39 @@ def read_deepspeed(ckpt: Path, with_states: bool = True) -> PortableState:
                          f"DeepSpeed ZeRO-{stage} on {world} rank(s)")
 
 
+def _read_deepspeed_zero0(ckpt: Path, model_state: dict, with_states: bool) -> PortableState:
+    """DeepSpeed without ZeRO (data parallel, fp32): whole weights and the client optimizer's own state dict in the
+    model-state file; the parameters' names in the optimizer's order are in param_names.json (written with it)."""
+    names_file = ckpt / DS_TAG / PARAM_NAMES
+    if model_state.get("optimizer") is None or not names_file.is_file():
+        raise NotPortable("this DeepSpeed ZeRO-0 checkpoint does not name its optimizer's parameters (16-bit, or "
+                          "written before they were named)")
+    names = json.loads(names_file.read_text(encoding="utf-8"))
+    weights = {n: model_state["module"][n].float() for group in names for n in group}
+    states = states_by_name(model_state["optimizer"], names) if with_states else {}
+    sched = model_state.get("lr_scheduler") or {}
+    return PortableState(weights, states, int(sched.get("last_epoch", model_state.get("global_steps", 0))),
+                         "DeepSpeed ZeRO-0")
+
+
+BNB_PACKED = "__bnb_optimizer_quant_state__"  # bitsandbytes' state_dict nests its quantized tensors under this key
+
+
+def unpacked(state: dict) -> dict:
+    """One parameter's optimizer state as the optimizer holds it (bitsandbytes' state_dict packs the quantized
+    tensors into one nested dict; its own load unpacks them, and so does this)."""
+    state = dict(state)
+    state.update(state.pop(BNB_PACKED, {}))
+    return state
+
+
+def states_by_name(opt_state: dict, names: list[list[str]]) -> dict[str, dict[str, torch.Tensor]]:
+    """A torch optimizer's state dict (keyed by position in its groups) keyed by parameter name instead."""
+    order = [i for g in opt_state["param_groups"] for i in g["params"]]
+    by_index = dict(zip(order, [n for group in names for n in group]))
+    return {by_index[i]: unpacked(st) for i, st in opt_state["state"].items()}
+
+
 def read_torch(ckpt: Path, with_states: bool = True) -> PortableState:
     """The torch backend's checkpoint (plain optimizer or one optimizer per parameter) by parameter name."""
     weights = load_file(str(ckpt / "trainable.safetensors"))
@@ -169,15 +204,13 @@ def read_torch(ckpt: Path, with_states: bool = True) -> PortableState:
         if any("#" in k for k in opt["optimizers"]):
             raise NotPortable("its optimizer was stepped in pieces (bf16 weights, Adafactor or 4-bit AdamW), which only "
                               "the optimizer-in-backward path reads")
-        states = {name: dict(next(iter(sd["state"].values()), {})) for name, sd in opt["optimizers"].items()}
+        states = {name: unpacked(next(iter(sd["state"].values()), {})) for name, sd in opt["optimizers"].items()}
         steps = saved["steps_done"]
     else:
         names = saved.get("param_names")
         if names is None:
             raise NotPortable("it was written before checkpoints named their optimizer's parameters")
-        order = [i for g in opt["param_groups"] for i in g["params"]]
-        by_index = dict(zip(order, [n for group in names for n in group]))
-        states = {by_index[i]: dict(st) for i, st in opt["state"].items()}
+        states = states_by_name(opt, names)
         steps = saved["scheduler"]["last_epoch"]
     scale = saved.get("loss_scale") or None
     return PortableState(weights, states, int(steps), "the single-device torch backend", scale)

@@ -2,10 +2,12 @@
 state comes along bit for bit, and the losses continue those of a run that never changed layout (fp32, dropout 0,
 the same global batch of 4 sequences: one process with micro-batch 4, or 2 ranks with micro-batch 2).
 
-The chain (3 launcher runs): a single-process reference of 16 steps; 2-rank ZeRO-2 for 3 steps, resumed on one
-process (plain AdamW, and AdamW stepped in backward) for 10; 2-rank ZeRO-3 resumed from the reference at step 3 for
-10; 2-rank ZeRO-1 resumed from that ZeRO-3 run at step 6 for 10. Bitwise state checks load the same checkpoints in
-this process (DeepSpeed targets on one rank) and read the state back through DeepSpeed's `safe_get_full_*`."""
+The chain (5 launcher runs): a single-process reference of 16 steps; 2-rank ZeRO-3 from scratch (the 2-rank run that
+never changes layout); 2-rank ZeRO-2 for 3 steps, resumed on one process (plain AdamW, and AdamW stepped in
+backward) for 10; 2-rank ZeRO-3 resumed from the reference at step 3 for 10; 2-rank ZeRO-1 and ZeRO-0 resumed from
+the ZeRO-3 run at step 6 for 10. Bitwise state checks load those checkpoints in this process (DeepSpeed targets on
+one rank) and read the state back (DeepSpeed's `safe_get_full_*`). The 2-rank runs also stand in for
+tests/test_distributed.py's ZeRO-2/3 checks against DeepSpeed and the simulator."""
 
 import json
 import math
@@ -48,7 +50,7 @@ def runs(corpus, tmp_path_factory) -> dict[str, Path]:
     """The runs that never change layout (one process, and 2-rank ZeRO-3: ranks sum gradients in another order, which
     drifts by ~1e-5 in 10 steps, so a 2-rank continuation is held to a 2-rank reference) and the changed ones."""
     root = tmp_path_factory.mktemp("layouts")
-    out = {name: root / name for name in ("ref", "zero3", "zero2", "to_zero3", "to_zero1")}
+    out = {name: root / name for name in ("ref", "zero3", "zero2", "to_zero3", "to_zero1", "to_zero0")}
     run_inprocess(corpus, out["ref"], **layout())
     tracked = {"logging": {"track_memory": True}}  # checked against DeepSpeed and the simulator: test_zero_runs...
     launch(tiny_overrides(corpus, out["zero3"], **layout(3, 2, **tracked)), 29631)
@@ -57,6 +59,8 @@ def runs(corpus, tmp_path_factory) -> dict[str, Path]:
                                                            checkpoint={"resume": str(ckpt(out["ref"], 3))})), 29633)
     launch(tiny_overrides(corpus, out["to_zero1"], **layout(1, 2, checkpoint={"resume": str(ckpt(out["zero3"], 6))})),
            29634)
+    launch(tiny_overrides(corpus, out["to_zero0"], **layout(0, 2, checkpoint={"resume": str(ckpt(out["zero3"], 6))})),
+           29635)
     return out
 
 
@@ -86,10 +90,11 @@ def test_zero_runs_match_one_process_deepspeed_and_the_simulator(corpus, runs, n
                                                                        logging={"track_memory": True})), stage)
 
 
-def test_one_process_continues_on_two_ranks_zero3_and_zero3_on_zero1(runs):
+def test_one_process_continues_on_two_ranks_zero3_and_zero3_on_zero1_and_zero0(runs):
     zero3 = train_losses(runs["zero3"])
     assert_follows(train_losses(runs["to_zero3"]), zero3, 4)
     assert_follows(train_losses(runs["to_zero1"]), zero3, 7)
+    assert_follows(train_losses(runs["to_zero0"]), zero3, 7)  # 2-rank data parallel without ZeRO
 
 
 def resumed_state(corpus, out: Path, lay: dict) -> tuple[dict, dict]:
@@ -123,6 +128,7 @@ def resumed_state(corpus, out: Path, lay: dict) -> tuple[dict, dict]:
     (("ref", 3), layout(3)),  # DeepSpeed ZeRO-3 on this process's one rank
     (("zero3", 6), layout(1)),
     (("zero2", 3), layout(2)),
+    (("to_zero0", 9), layout()),  # 2-rank DeepSpeed without ZeRO -> one process
 ])
 def test_converted_state_is_bitwise_the_source(corpus, tmp_path, runs, source, target):
     src = ckpt(runs[source[0]], source[1])
@@ -135,6 +141,21 @@ def test_converted_state_is_bitwise_the_source(corpus, tmp_path, runs, source, t
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(torch.as_tensor(states[name][key]).cpu().float(), ps.states[name][key].float()), (name, key)
         assert float(ps.states[name]["step"]) == source[1]
+
+
+def test_8bit_states_move_between_the_plain_and_the_in_backward_step(corpus, tmp_path):
+    """bitsandbytes' 8-bit AdamW keeps one state per parameter on both torch paths: converted bit for bit."""
+    src = tmp_path / "plain8"
+    eight = {"optim": {"name": "adamw_8bit", "grad_clip": None}}
+    run_inprocess(corpus, src, **layout(train={"max_steps": 3}, **eight))
+    target = layout(in_backward=True, **eight)
+    target["checkpoint"]["resume"] = str(ckpt(src, 3))
+    _, states = resumed_state(corpus, tmp_path / "inb8", target)
+    ps = read_portable(ckpt(src, 3))
+    assert {"state1", "state2", "absmax1", "absmax2"} <= set(ps.states["transformer.wte.weight"])
+    for name, st in ps.states.items():
+        for key, value in st.items():
+            assert torch.equal(torch.as_tensor(states[name][key]).cpu(), torch.as_tensor(value)), (name, key)
 
 
 def test_a_missing_rank_shard_is_one_line_naming_it(runs, tmp_path):

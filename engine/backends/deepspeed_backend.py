@@ -21,8 +21,8 @@ from engine.distributed import DistEnv
 from engine.errors import ConfigError
 from engine.loss import batch_loss_sum
 from engine.model import build_model, special_ids_of, unwrap
-from engine.optim import build_optimizer, build_scheduler, set_schedule_position
-from engine.portable import PortableState
+from engine.optim import build_optimizer, build_scheduler, set_param_state, set_schedule_position
+from engine.portable import DS_TAG, PARAM_NAMES, PortableState
 
 
 def make_ds_config(cfg: RunConfig, world_size: int, device_type: str = "cuda", user_json: dict | None = None) -> dict:
@@ -232,6 +232,20 @@ class DeepSpeedBackend(Backend):
     def save(self, ckpt_dir: Path) -> None:
         # Every rank writes its own optimizer/parameter partitions.
         self.engine.save_checkpoint(str(ckpt_dir), tag="deepspeed", save_latest=False)
+        if self.dist.is_main and self._optimizer_holds_module_params():
+            # ZeRO-0: the optimizer's state is keyed by position; its parameters' names make it portable.
+            names = {id(p): n for n, p in self.engine.module.named_parameters()}
+            groups = [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]
+            (ckpt_dir / DS_TAG / PARAM_NAMES).write_text(json.dumps(groups), encoding="utf-8")
+
+    def _optimizer_holds_module_params(self) -> bool:
+        """True without ZeRO in fp32: DeepSpeed steps the client optimizer over the module's own parameters (ZeRO
+        and the 16-bit optimizers hand it flat fp32 partitions instead)."""
+        if self.cfg.memory.zero_stage > 0:  # (ZeRO-3 even shows its client optimizer with empty groups)
+            return False
+        module = {id(p) for p in self.engine.module.parameters()}
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return bool(params) and all(id(p) in module for p in params)
 
     def load_portable(self, ps: PortableState) -> None:
         """A checkpoint from another layout (engine.portable): every rank writes its own partitions of the fp32
@@ -244,6 +258,14 @@ class DeepSpeedBackend(Backend):
         if names != set(ps.weights):
             missing, extra = sorted(names - set(ps.weights))[:3], sorted(set(ps.weights) - names)[:3]
             raise ValueError(f"checkpoint weights do not match this model (missing {missing}, unexpected {extra})")
+        if self._optimizer_holds_module_params():  # ZeRO-0 fp32: the module's weights are the masters
+            with torch.no_grad():
+                for name, p in params:
+                    p.copy_(ps.weights[name].to(p.device, p.dtype))
+                    if name in ps.states:
+                        set_param_state(self.optimizer, p, ps.states[name])
+            self._set_schedule(ps)
+            return
         if ps.states:
             self._materialize_optimizer_state()
         for name, p in params:
@@ -265,6 +287,9 @@ class DeepSpeedBackend(Backend):
                     state["step"].fill_(step)
                 elif "step" in state:
                     state["step"] = int(step)
+        self._set_schedule(ps)
+
+    def _set_schedule(self, ps: PortableState) -> None:
         set_schedule_position(self.scheduler, ps.scheduler_steps)
         self.engine.global_steps = ps.scheduler_steps
         self.engine.global_samples = ps.scheduler_steps * self.engine.train_batch_size()
