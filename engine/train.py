@@ -294,13 +294,14 @@ class TrainingRecipe:
         fresh = "optimizer" in self.layout_changes
         try:
             ps = read_portable(path, with_states=not fresh)
+            self.backend.load_portable(ps)
         except NotPortable as e:
             if not self.cfg.checkpoint.allow_layout_change:
                 raise EngineError(f"cannot resume {path} on this layout: {e} (checkpoint.allow_layout_change=true "
                                   "continues from its weights with a fresh optimizer state)") from None
             say(self.env, f"warning: {e}: the optimizer starts from a fresh state")
             ps = read_portable(path, with_states=False)
-        self.backend.load_portable(ps)
+            self.backend.load_portable(ps)
         say(self.env, f"converted {path} from {ps.source} ({len(ps.weights)} weights, "
                       f"{'optimizer state for ' + str(len(ps.states)) if ps.states else 'no optimizer state'})")
 

@@ -156,6 +156,13 @@ def test_8bit_states_move_between_the_plain_and_the_in_backward_step(corpus, tmp
     for name, st in ps.states.items():
         for key, value in st.items():
             assert torch.equal(torch.as_tensor(states[name][key]).cpu(), torch.as_tensor(value)), (name, key)
+    # into ZeRO's flat partitions they cannot go (blocks would straddle parameters): refused, or weights only
+    zero = layout(1, train={"max_steps": 4}, **eight)
+    zero["checkpoint"]["resume"] = str(ckpt(src, 3))
+    with pytest.raises(EngineError, match="cannot be cut into ZeRO partitions.*allow_layout_change=true"):
+        run_inprocess(corpus, tmp_path / "zero_refused", **zero)
+    zero["checkpoint"]["allow_layout_change"] = True
+    assert len(run_inprocess(corpus, tmp_path / "zero_fresh", **zero)[1]) == 1
 
 
 def test_a_missing_rank_shard_is_one_line_naming_it(runs, tmp_path):

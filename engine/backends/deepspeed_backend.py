@@ -22,7 +22,7 @@ from engine.errors import ConfigError
 from engine.loss import batch_loss_sum
 from engine.model import build_model, special_ids_of, unwrap
 from engine.optim import build_optimizer, build_scheduler, set_param_state, set_schedule_position
-from engine.portable import DS_TAG, PARAM_NAMES, PortableState
+from engine.portable import DS_TAG, ELEMENTWISE_STATES, PARAM_NAMES, NotPortable, PortableState
 
 
 def make_ds_config(cfg: RunConfig, world_size: int, device_type: str = "cuda", user_json: dict | None = None) -> dict:
@@ -266,6 +266,10 @@ class DeepSpeedBackend(Backend):
                         set_param_state(self.optimizer, p, ps.states[name])
             self._set_schedule(ps)
             return
+        keys = {k for st in ps.states.values() for k in st} - {"step", *ELEMENTWISE_STATES}
+        if keys:
+            raise NotPortable(f"its optimizer state {sorted(keys)[:3]} cannot be cut into ZeRO partitions (only "
+                              "AdamW's element-wise moments can)")
         if ps.states:
             self._materialize_optimizer_state()
         for name, p in params:

@@ -35,7 +35,7 @@ from engine.optim import (
     set_schedule_position,
     step_context,
 )
-from engine.portable import PortableState
+from engine.portable import NotPortable, PortableState
 
 
 class TorchBackend(Backend):
@@ -220,8 +220,8 @@ class InBackwardBackend(TorchBackend):
 
     def load_portable(self, ps: PortableState) -> None:
         if self.optimizer.pieces and ps.states:
-            raise ValueError("this run steps its optimizer in pieces (bf16 weights, Adafactor or 4-bit AdamW), which "
-                             "only a checkpoint of the same layout fills")
+            raise NotPortable("this run steps its optimizer in pieces (bf16 weights, Adafactor or 4-bit AdamW), whose "
+                              "states only a checkpoint of the same layout fills")
         self.load_weights(ps.weights)
         for name, p in self.model.named_parameters():
             if name in ps.states:
