@@ -52,7 +52,8 @@ class DeferredHeadWeightGrad:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.weight, self.bias = weight, bias
-        self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, _AutocastState]] = []
+        self.autocast = _AutocastState.now(weight.device.type)  # the forward's, for the recomputations
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.handle = None
 
     @staticmethod
@@ -62,27 +63,27 @@ class DeferredHeadWeightGrad:
         return w.requires_grad and w is lm.get_input_embeddings().weight
 
     def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _HeadLossWithDeferredWeightGrad.apply(hidden, labels, self, _AutocastState.now(hidden.device.type))
+        return _HeadLossWithDeferredWeightGrad.apply(hidden, labels, self)
 
     def head(self, weight: torch.Tensor):
         return lambda x: F.linear(x, weight, self.bias)
 
-    def wait(self, hidden, labels, grad, autocast) -> None:
+    def wait(self, hidden, labels, grad) -> None:
         # Registered from backward, so a forward that never backpropagates leaves no hook behind.
-        self.chunks.append((hidden, labels, grad, autocast))
+        self.chunks.append((hidden, labels, grad))
         if self.handle is None:
             self.handle = self.weight.register_hook(self._add_head_grad)
 
     def _add_head_grad(self, grad: torch.Tensor) -> torch.Tensor:
         self.handle.remove()
         grad = grad.clone() if grad._base is not None else grad  # our own buffer from here on
-        autocast = self.chunks[0][3]
+        autocast = self.autocast
         # One cast of the weight to the compute dtype for all chunks (autocast would cast it per chunk); each chunk's
         # 16-bit weight gradient is added into the full-precision sum as autograd's cast-backward would pass it.
         w = self.weight.detach()
         w = (w.to(autocast.dtype) if autocast.enabled and w.dtype != autocast.dtype else w).requires_grad_()
         with torch.enable_grad(), autocast.enter():
-            for hidden, labels, g, _ in self.chunks:
+            for hidden, labels, g in self.chunks:
                 (gw,) = torch.autograd.grad(_ce_sum(self.head(w), hidden, labels), w, g)
                 grad.add_(gw)  # the embedding's gradient buffer, which nothing else reads before accumulation
                 del gw
@@ -95,20 +96,20 @@ class _HeadLossWithDeferredWeightGrad(torch.autograd.Function):
     to `DeferredHeadWeightGrad` (the weight is not an input, so autograd routes nothing to it from here)."""
 
     @staticmethod
-    def forward(ctx, hidden, labels, deferred: DeferredHeadWeightGrad, autocast: _AutocastState):
+    def forward(ctx, hidden, labels, deferred: DeferredHeadWeightGrad):
         ctx.save_for_backward(hidden, labels)
-        ctx.deferred, ctx.autocast = deferred, autocast
+        ctx.deferred = deferred
         return _ce_sum(deferred.head(deferred.weight.detach()), hidden, labels)
 
     @staticmethod
     def backward(ctx, grad):
         hidden, labels = ctx.saved_tensors
         h = hidden.detach().requires_grad_()
-        with torch.enable_grad(), ctx.autocast.enter():
+        with torch.enable_grad(), ctx.deferred.autocast.enter():
             loss = _ce_sum(ctx.deferred.head(ctx.deferred.weight.detach()), h, labels)
         (grad_hidden,) = torch.autograd.grad(loss, h, grad)
-        ctx.deferred.wait(hidden.detach(), labels, grad.detach(), ctx.autocast)
-        return grad_hidden, None, None, None
+        ctx.deferred.wait(hidden.detach(), labels, grad.detach())
+        return grad_hidden, None, None
 
 
 def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,8 +48,6 @@ class PortableState:
     states: dict[str, dict[str, torch.Tensor]]  # name -> {"step": scalar, "exp_avg": ..., ...} at the weight's shape
     scheduler_steps: int  # steps the learning-rate schedule has taken
     source: str  # the layout it was read from, for messages
-    loss_scale: dict | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def _ds_globals() -> list:
@@ -197,28 +195,22 @@ def read_torch(ckpt: Path, with_states: bool = True) -> PortableState:
     weights = load_file(str(ckpt / "trainable.safetensors"))
     saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
     opt = saved["optimizer"]
+    in_backward = "optimizers" in opt  # optimizer in backward: {name (or name#piece): one optimizer's state dict}
+    steps = int(saved["steps_done"] if in_backward else saved["scheduler"]["last_epoch"])
+    source = "the single-device torch backend"
     if not with_states:
-        steps = saved["steps_done"] if "optimizers" in opt else saved["scheduler"]["last_epoch"]
-        return PortableState(weights, {}, int(steps), "the single-device torch backend")
-    if "optimizers" in opt:  # optimizer in backward: {name (or name#piece): one optimizer's state dict}
+        return PortableState(weights, {}, steps, source)
+    if in_backward:
         if any("#" in k for k in opt["optimizers"]):
             raise NotPortable("its optimizer was stepped in pieces (bf16 weights, Adafactor or 4-bit AdamW), which only "
                               "the optimizer-in-backward path reads")
         states = {name: unpacked(next(iter(sd["state"].values()), {})) for name, sd in opt["optimizers"].items()}
-        steps = saved["steps_done"]
     else:
         names = saved.get("param_names")
         if names is None:
             raise NotPortable("it was written before checkpoints named their optimizer's parameters")
         states = states_by_name(opt, names)
-        steps = saved["scheduler"]["last_epoch"]
-    scale = saved.get("loss_scale") or None
-    return PortableState(weights, states, int(steps), "the single-device torch backend", scale)
-
-
-def written_by(ckpt: Path) -> dict:
-    """The layout a checkpoint was written in (its trainer state's `layout`)."""
-    return json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")).get("layout", {})
+    return PortableState(weights, states, steps, source)
 
 
 def read_portable(ckpt: Path, with_states: bool = True) -> PortableState:
