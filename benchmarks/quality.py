@@ -12,7 +12,7 @@ spread over the seeds), the gap to the reference's loss, whether it is within 2%
 architecture directly on the docs domain (1 seed, --steps 20 by default, validation on its first 8 batches), which compares the recipes' optimisation
 at that size, not their effect on a pretrained model. Results: benchmarks/results/quality/<size>/.
 
-Recipes (each one setting of the engine; RECIPES below):
+Recipes (each a recipe of engine/recipes.py under the same key, in a pinned precision; RECIPES below):
   reference         AdamW, fp32 weights and compute, grad clip 1.0
   adamw_bf16        control: the reference under bf16 autocast (what bf16 compute alone costs)
   adamw_8bit_inb    8-bit AdamW stepped inside backward, fp32 weights (gpt2-xl_full_t4's optimizer; no clipping)
@@ -36,23 +36,34 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 DOCS = ROOT / "benchmarks" / "data" / "docs"
 OUT = ROOT / "benchmarks" / "results" / "quality"
 
-IN_BACKWARD = ["memory.optimizer_in_backward=true", "optim.grad_clip=null"]
-BF16_WEIGHTS = [*IN_BACKWARD, "memory.precision=bf16", "memory.master_weights=bf16"]
-LORA = ["memory.lora.enabled=true", "memory.lora.r=16", "memory.lora.alpha=32", "memory.lora.dropout=0.0",
-        "memory.precision=bf16"]
+from engine.recipes import CATALOG, precision  # noqa: E402
+
+FP32, BF16 = precision("fp32"), precision("bf16")
+NO_DROPOUT = ("memory.lora.dropout=0.0",)  # this benchmark's adapters train without dropout (the default is 0.05)
 LORA_LR_FACTOR = 5  # adapters train at a higher lr than full fine-tunes (the LoRA presets do the same)
+
+
+def from_catalog(key: str, *extra: str) -> list[str]:
+    """A catalog recipe's overrides (engine/recipes.py) with this benchmark's own settings after them."""
+    return [*CATALOG[key].overrides, *extra]
+
+
+# name -> overrides: the catalog's recipes under their quality keys (engine.plan.QUALITY_GAP_PCT records their
+# results under the same names), each in the precision it is measured in; the reference and its bf16 control are
+# the catalog's AdamW.
 RECIPES = {
-    "reference": ["optim.name=adamw", "memory.precision=fp32"],
-    "adamw_bf16": ["optim.name=adamw", "memory.precision=bf16"],
-    "adamw_8bit_inb": ["optim.name=adamw_8bit", *IN_BACKWARD, "memory.precision=fp32"],
-    "bf16_8bit": ["optim.name=adamw_8bit", *BF16_WEIGHTS],
-    "bf16_4bit": ["optim.name=adamw_4bit", *BF16_WEIGHTS],
-    "bf16_adafactor": ["optim.name=adafactor", *BF16_WEIGHTS],
-    "lora": ["optim.name=adamw", *LORA],
-    "qlora": ["optim.name=adamw", *LORA, "memory.lora.quantize_base=nf4"],
+    "reference": from_catalog("adamw", *FP32),
+    "adamw_bf16": from_catalog("adamw", *BF16),
+    "adamw_8bit_inb": from_catalog("adamw_8bit_inb", *FP32),
+    "bf16_8bit": from_catalog("bf16_8bit", *BF16),
+    "bf16_4bit": from_catalog("bf16_4bit", *BF16),
+    "bf16_adafactor": from_catalog("bf16_adafactor", *BF16),
+    "lora": from_catalog("lora", *NO_DROPOUT, *BF16),
+    "qlora": from_catalog("qlora", *NO_DROPOUT, *BF16),
 }
 SIZES = {
     # size: (model overrides, micro-batch, pretrain steps, fine-tune steps, lr, seeds)
@@ -110,13 +121,13 @@ def pretrain(model: list[str], micro: int, steps: int, lr: float, out: Path) -> 
     return out / "model"
 
 
-def fine_tune(base: list[str], recipe: str, seed: int, micro: int, steps: int, lr: float, out: Path,
+def fine_tune(base: list[str], name: str, seed: int, micro: int, steps: int, lr: float, out: Path,
               extra: tuple[str, ...] = ()) -> dict:
-    rlr = lr * (LORA_LR_FACTOR if recipe in ("lora", "qlora") else 1)
+    rlr = lr * (LORA_LR_FACTOR if "memory.lora.enabled=true" in RECIPES[name] else 1)
     return engine_train([*base, f"data.train_file={DOCS / 'train.txt'}", f"data.validation_file={DOCS / 'valid.txt'}",
                          f"data.block_size={BLOCK}", f"train.micro_batch_size={micro}", f"train.max_steps={steps}",
                          f"train.seed={seed}", f"optim.lr={rlr}", "schedule.warmup_steps=30", "schedule.decay=cosine",
-                         f"eval.every_n_steps={max(steps // 3, 1)}", *extra, *RECIPES[recipe]], out)
+                         f"eval.every_n_steps={max(steps // 3, 1)}", *extra, *RECIPES[name]], out)
 
 
 def summarise(runs: dict[str, list[dict]]) -> list[dict]:

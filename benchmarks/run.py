@@ -18,6 +18,9 @@ A matrix YAML:
     configs:                        # named override lists, each on top of `base`
       fp32-adamw: []
       checkpointing: [memory.activation_checkpointing=true]
+      t4-recipe: [recipe=adamw_8bit_inb, memory.precision=fp16]
+                                    # recipe=KEY (in configs or base): that recipe's overrides from the
+                                    # catalog (engine/recipes.py), in its place
     axes:                           # optional: a cross product, each key -> list of values
       optim.name: [adamw, adamw_8bit]
 
@@ -41,21 +44,38 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from engine.recipes import CATALOG  # noqa: E402
+
 MIB = 2**20
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries", "other")
-# The seeds' recipe as engine settings, for simulating it: fp32, torch AdamW (fused: the HF Trainer default),
-# clipping at 1.0 (its default), HF's unfused GELU, no checkpointing, no 8-bit states, no chunked loss. Padding to
-# max_length changes how many tokens are useful, not memory at a fixed length. Checked against the measured HF Trainer run by validate_simulation.py.
-BASELINE_RECIPE = ["memory.precision=fp32", "optim.name=adamw", "optim.grad_clip=1.0", "memory.fused_gelu=false",
-                   "memory.activation_checkpointing=false", "memory.loss_chunk_size=null", "memory.lora.enabled=false",
-                   "memory.optimizer_in_backward=false", "memory.zero_stage=0", "memory.offload_optimizer=false"]
+# The seeds' recipe as engine settings, for simulating it (the catalog's hf_trainer): fp32, torch AdamW (fused: the
+# HF Trainer default), clipping at 1.0 (its default), HF's unfused GELU, no checkpointing, no 8-bit states, no
+# chunked loss. Padding to max_length changes how many tokens are useful, not memory at a fixed length. Checked
+# against the measured HF Trainer run by validate_simulation.py.
+BASELINE_RECIPE = list(CATALOG["hf_trainer"].overrides)
 BASELINE_NAME = "baseline (HF Trainer recipe)"
 
 
+def with_recipes(overrides: list[str]) -> list[str]:
+    """Each `recipe=KEY` entry replaced, in its place, by that catalog recipe's overrides (engine/recipes.py)."""
+    out: list[str] = []
+    for item in overrides:
+        if not item.startswith("recipe="):
+            out.append(item)
+            continue
+        key = item.split("=", 1)[1]
+        if key not in CATALOG:
+            raise SystemExit(f"error: {item}: no such recipe in engine/recipes.py (known: {', '.join(CATALOG)})")
+        out += CATALOG[key].overrides
+    return out
+
+
 def expand(matrix: dict, set_overrides: list[str] | None = None) -> list[tuple[str, list[str]]]:
-    """(name, overrides) for every configuration of the matrix; `set_overrides` go on top of `base`."""
-    base = list(matrix.get("base", [])) + list(set_overrides or [])
-    jobs = [(name, base + list(ov or [])) for name, ov in (matrix.get("configs") or {}).items()]
+    """(name, overrides) for every configuration of the matrix; `set_overrides` go on top of `base`; `recipe=KEY`
+    entries become that recipe's overrides."""
+    base = with_recipes(list(matrix.get("base", [])) + list(set_overrides or []))
+    jobs = [(name, base + with_recipes(list(ov or []))) for name, ov in (matrix.get("configs") or {}).items()]
     axes = matrix.get("axes") or {}
     if axes:
         keys = list(axes)
@@ -354,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [{"name": n, "overrides": ov, "mode": mode, "kernel": kernel, "steps": steps, "world_size": world}
             for n, ov in expand(matrix, args.set)]
     if matrix.get("baseline") and mode == "measure":
-        jobs.insert(0, {"name": "__baseline__", "overrides": list(matrix.get("base", [])) + args.set, "steps": steps})
+        jobs.insert(0, {"name": "__baseline__", "overrides": with_recipes(list(matrix.get("base", [])) + args.set),
+                        "steps": steps})
     from tqdm import tqdm
 
     rows = []

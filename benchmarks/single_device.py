@@ -32,22 +32,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 GIB = 2**30
 
-LOW_MEMORY = ["--config", "gpt2-xl_full_t4"]
+from engine.recipes import CATALOG, NF4_BASE, PLAIN_STEP, optimizer, precision  # noqa: E402
+
+LOW_MEMORY = ["--config", "gpt2-xl_full_t4"]  # the catalog's adamw_8bit_inb (engine/recipes.py)
+BF16_WEIGHTS = ["--config", "gpt2-xl_full_8gb"]  # its bf16_8bit
 COMMON = ["model.init=random", "memory.precision=fp32", "data.block_size=1024", "train.micro_batch_size=1"]
-# LoRA runs bf16 autocast so the frozen base is stored in 16-bit (exact: autocast casts it anyway); slow on this
-# CPU (no bf16 hardware) but the memory is what is measured.
-LORA = ["memory.optimizer_in_backward=false", "optim.name=adamw", "optim.grad_clip=1.0", "memory.lora.enabled=true",
-        "memory.lora.r=16", "memory.lora.alpha=32", "memory.precision=bf16"]
+# LoRA (the catalog's, on top of the T4 preset: its in-backward step undone) runs bf16 autocast so the frozen base is
+# stored in 16-bit (exact: autocast casts it anyway); slow on this CPU (no bf16 hardware) but the memory is what is
+# measured.
+LORA = [*PLAIN_STEP, *CATALOG["lora"].overrides, *precision("bf16")]
 
 
 # --recipe: (preset, overrides on top of it)
 RECIPES = {
     "full": (LOW_MEMORY, []),
     "lora": (LOW_MEMORY, LORA),
-    "qlora": (["--config", "gpt2-xl_qlora_4gb"], LORA + ["memory.lora.quantize_base=nf4", "train.global_batch_size=null"]),
-    "bf16_weights": (["--config", "gpt2-xl_full_8gb"], []),
-    "adamw_4bit": (["--config", "gpt2-xl_full_8gb"], ["optim.name=adamw_4bit"]),
-    "adafactor": (["--config", "gpt2-xl_full_8gb"], ["optim.name=adafactor"]),
+    "qlora": (["--config", "gpt2-xl_qlora_4gb"], LORA + [*NF4_BASE, "train.global_batch_size=null"]),
+    "bf16_weights": (BF16_WEIGHTS, []),
+    "adamw_4bit": (BF16_WEIGHTS, [*optimizer("adamw_4bit")]),  # = the catalog's bf16_4bit
+    "adafactor": (BF16_WEIGHTS, [*optimizer("adafactor")]),  # = its bf16_adafactor
 }
 FILE_NAMES = {"bf16_weights": "full_bf16_weights", "adamw_4bit": "full_bf16_weights_adamw_4bit",
               "adafactor": "full_bf16_weights_adafactor"}

@@ -6,7 +6,8 @@ blocks, chunked loss), `simulate_deep` runs the engine's own step on fake tensor
 micro-batch 1 and 2 (and 2 accumulation steps when the plan accumulates), and records the peak of every phase
 of the step. Within a phase memory is linear in depth and in micro-batch, so any micro-batch is predicted from
 those figures (`peak_from_figures`, a pure function); the recommended configuration is then simulated once
-more directly. GPU predictions add `GPU_OVERHEAD` (CUDA context, fragmentation).
+more directly, and where that disagrees the next one in order is, until one fits (`recommend`). GPU predictions add
+`GPU_OVERHEAD` (CUDA context, fragmentation). The candidates are recipes of engine/recipes.py (`CANDIDATES`).
 
 Host RAM and step time are modelled (stated assumptions below), not simulated.
 """
@@ -17,6 +18,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -37,6 +39,7 @@ from engine.memory.gpus import GPU, GPUS
 from engine.memory.measure import flops_per_token
 from engine.memory.simulate import GPU_OVERHEAD, simulate_deep
 from engine.notices import library_log_path, workers_log_to
+from engine.recipes import CATALOG, Recipe, checkpointing, chunked_loss
 
 GIB = 2**30
 VOCAB = 50257
@@ -78,7 +81,7 @@ class Request:
 
 @dataclass(frozen=True)
 class Strategy:
-    """How model states are held."""
+    """How model states are held: a catalog recipe (engine/recipes.py, built by `candidate`) as the plan uses it."""
 
     name: str
     overrides: tuple[str, ...]
@@ -86,18 +89,15 @@ class Strategy:
     offload_optimizer: bool = False
     offload_params: bool = False
     in_backward: bool = False
-    # Among equally fast candidates, the one closest to fp32 AdamW wins: 0 AdamW (fp32 weights), 1 8-bit AdamW,
-    # 2 bf16 weights with 8-bit AdamW, 3 with 4-bit AdamW, 4 Adafactor (benchmarks/quality.py measures the gaps).
-    quality_rank: int = 0
+    quality_rank: int = 0  # among equally fast candidates the lower wins (Recipe.quality_rank)
     quality: str = ""  # its measured quality gap (QUALITY), printed with a recommendation
 
 
-# Final validation loss of each recipe against the fp32-master AdamW reference, measured by benchmarks/quality.py
-# (a 4-layer GPT-2 pretrained by the engine on the sample corpus, fine-tuned 150 steps on Python docstrings, mean
-# of 3 seeds, on the project's 2-core AMD EPYC CPU; benchmarks/results/quality/small/results.md).
-# Final validation loss vs the fp32-master AdamW reference, measured by benchmarks/quality.py on this project's CPU:
-# (small GPT-2 pretrained then fine-tuned on another domain, 3 seeds; gpt2-medium size, 20 steps from random init,
-# 1 seed). Results: benchmarks/results/quality/{small,gpt2-medium}/results.md.
+# Final validation loss of each recipe (by its Recipe.quality_key, which is also its name in benchmarks/quality.py)
+# against the fp32-master AdamW reference, measured by benchmarks/quality.py on this project's 2-core AMD EPYC CPU:
+# a 4-layer GPT-2 pretrained by the engine on the sample corpus, fine-tuned 150 steps on Python docstrings, mean of
+# 3 seeds; and the gpt2-medium size, 20 steps from random init, 1 seed.
+# Results: benchmarks/results/quality/{small,gpt2-medium}/results.md.
 QUALITY_GAP_PCT: dict[str, tuple[float, float]] = {
     "adamw_8bit_inb": (1.52, 1.48),  # no clipping in backward, 8-bit states
     "bf16_8bit": (1.53, 1.47),
@@ -109,8 +109,9 @@ QUALITY_GAP_PCT: dict[str, tuple[float, float]] = {
 QUALITY_TOLERANCE_PCT = 2.0
 
 
-def quality_note(recipe: str) -> str:
-    gaps = QUALITY_GAP_PCT.get(recipe)
+def quality_note(key: str) -> str:
+    """The measured quality gap of the recipe whose quality key is `key`, as printed with a recommendation."""
+    gaps = QUALITY_GAP_PCT.get(key)
     if gaps is None:
         return ""
     small, medium = gaps
@@ -144,45 +145,26 @@ class Row:
         return f"{self.strategy.name} | {self.activations.name}"
 
 
+# The planner's candidates by catalog key (engine/recipes.py), in table order: (LoRA, more than one GPU) -> keys.
+CANDIDATES: dict[tuple[bool, bool], tuple[str, ...]] = {
+    (False, False): ("adamw", "adamw_8bit", "adamw_inb", "adamw_8bit_inb", "bf16_8bit", "bf16_4bit", "bf16_adafactor",
+                     "zero2_offload", "zero3_offload_all"),
+    (False, True): ("zero1_adamw", "zero2_adamw", "zero2_adamw_8bit", "zero3_adamw", "zero2_offload", "zero3_offload",
+                    "zero3_offload_all"),
+    (True, False): ("lora", "qlora"),
+    (True, True): ("lora_zero2",),
+}
+
+
+def candidate(r: Recipe) -> Strategy:
+    """A catalog recipe as a planner candidate, with its measured quality note."""
+    return Strategy(r.title, r.overrides, r.zero_stage, r.offload_optimizer, r.offload_params, r.in_backward,
+                    r.quality_rank, quality_note(r.quality_key))
+
+
 def strategies(req: Request) -> list[Strategy]:
-    if req.lora:
-        lora = ("optim.name=adamw", "memory.lora.enabled=true", "memory.lora.r=16", "memory.lora.alpha=32")
-        if req.gpus > 1:
-            return [Strategy("LoRA r16, AdamW, ZeRO-2", lora + ("memory.zero_stage=2",), zero_stage=2)]
-        return [Strategy("LoRA r16, AdamW", lora, quality=quality_note("lora")),
-                Strategy("QLoRA r16 (NF4 base), AdamW", lora + ("memory.lora.quantize_base=nf4",), quality_rank=1,
-                         quality=quality_note("qlora"))]
-    inb = ("memory.optimizer_in_backward=true", "optim.grad_clip=null")
-    off = ("optim.name=cpu_adam", "memory.offload_optimizer=true")
-    if req.gpus == 1:
-        # bf16 weights (no fp32 master copy): bf16 compute, or fp16 compute from the bf16 weights without bf16 math.
-        bf16 = (*inb, "memory.master_weights=bf16")
-        return [
-            Strategy("AdamW", ("optim.name=adamw",)),
-            Strategy("AdamW8bit", ("optim.name=adamw_8bit",), quality_rank=1),
-            Strategy("AdamW, in-backward", ("optim.name=adamw",) + inb, in_backward=True),
-            Strategy("AdamW8bit, in-backward", ("optim.name=adamw_8bit",) + inb, in_backward=True, quality_rank=1,
-                     quality=quality_note("adamw_8bit_inb")),
-            Strategy("AdamW8bit, in-backward, bf16 weights", ("optim.name=adamw_8bit", *bf16), in_backward=True,
-                     quality_rank=2, quality=quality_note("bf16_8bit")),
-            Strategy("AdamW4bit, in-backward, bf16 weights", ("optim.name=adamw_4bit", *bf16), in_backward=True,
-                     quality_rank=3, quality=quality_note("bf16_4bit")),
-            Strategy("Adafactor, in-backward, bf16 weights", ("optim.name=adafactor", *bf16), in_backward=True,
-                     quality_rank=4, quality=quality_note("bf16_adafactor")),
-            Strategy("ZeRO-2 + optimizer offload", off + ("memory.zero_stage=2",), 2, offload_optimizer=True),
-            Strategy("ZeRO-3 + optimizer/param offload", off + ("memory.zero_stage=3", "memory.offload_params=true"),
-                     3, offload_optimizer=True, offload_params=True),
-        ]
-    return [
-        Strategy("ZeRO-1, AdamW", ("optim.name=adamw", "memory.zero_stage=1"), 1),
-        Strategy("ZeRO-2, AdamW", ("optim.name=adamw", "memory.zero_stage=2"), 2),
-        Strategy("ZeRO-2, AdamW8bit", ("optim.name=adamw_8bit", "memory.zero_stage=2"), 2),
-        Strategy("ZeRO-3, AdamW", ("optim.name=adamw", "memory.zero_stage=3"), 3),
-        Strategy("ZeRO-2 + optimizer offload", off + ("memory.zero_stage=2",), 2, offload_optimizer=True),
-        Strategy("ZeRO-3 + optimizer offload", off + ("memory.zero_stage=3",), 3, offload_optimizer=True),
-        Strategy("ZeRO-3 + optimizer/param offload", off + ("memory.zero_stage=3", "memory.offload_params=true"),
-                 3, offload_optimizer=True, offload_params=True),
-    ]
+    """How model states can be held for this request: the catalog's recipes for LoRA or not, one GPU or several."""
+    return [candidate(CATALOG[key]) for key in CANDIDATES[(req.lora, req.gpus > 1)]]
 
 
 def activation_choices(strategy: Strategy) -> list[ActivationChoice]:
@@ -203,9 +185,9 @@ def config_overrides(req: Request, s: Strategy, a: ActivationChoice, micro: int,
           f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}", *s.overrides]
     ov.append(f"train.backend={'deepspeed' if needs_deepspeed(s.zero_stage, req.gpus) else 'torch'}")
     if a.checkpoint_every:
-        ov += ["memory.activation_checkpointing=true", f"memory.checkpoint_every_n_layers={a.checkpoint_every}"]
+        ov += checkpointing(a.checkpoint_every)
     if a.chunked_loss:
-        ov.append(f"memory.loss_chunk_size={req.seq_len}")
+        ov += chunked_loss(req.seq_len)
     return ov
 
 
@@ -315,13 +297,26 @@ def evaluate(req: Request, s: Strategy, a: ActivationChoice, figs: Figures, info
     return best
 
 
+def preference(row: Row) -> tuple:
+    """The order of recommendation: the fastest first; ties go to the better optimizer (`quality_rank`), then the
+    larger micro-batch (better GPU utilisation, not modelled)."""
+    return round(row.relative_time, 12), row.strategy.quality_rank, -row.micro
+
+
 def choose(rows: list[Row]) -> Row | None:
-    """The fastest fitting row; ties go to the better optimizer (`quality_rank`), then the larger micro-batch (better
-    GPU utilisation, not modelled)."""
+    """The preferred fitting row (`preference`), or None."""
     fitting = [r for r in rows if r.fits]
-    if not fitting:
-        return None
-    return min(fitting, key=lambda r: (round(r.relative_time, 12), r.strategy.quality_rank, -r.micro))
+    return min(fitting, key=preference) if fitting else None
+
+
+def recommend(rows: list[Row], check: Callable[[Row], Row]) -> Row | None:
+    """The first row, in `choose`'s order, that still fits after `check` (`verify`: its direct simulation, which
+    marks a row that does not fit); None when none does. The figures are extrapolated, so the direct simulation
+    has the last word: a row it rejects is never recommended, however many are tried."""
+    for row in sorted((r for r in rows if r.fits), key=preference):  # stable: ties keep `choose`'s pick first
+        if check(row).fits:
+            return row
+    return None
 
 
 def normalise_times(rows: list[Row]) -> None:

@@ -9,8 +9,8 @@ import pytest
 
 from engine.errors import ConfigError, EngineError
 from engine.memory.gpus import GPUS
-from engine.plan import (ActivationChoice, Request, Row, activation_choices, micro_batches, parse_size,
-                         peak_from_figures, rows_from_figures, strategies, write_config)
+from engine.plan import (ActivationChoice, Request, Row, activation_choices, choose, micro_batches, parse_size,
+                         peak_from_figures, recommend, rows_from_figures, strategies, write_config)
 
 # gpt2-xl, fp16, 1 GPU, sequence 1024: per-phase peaks at micro-batch 1 and 2 for every candidate, recorded with
 # `engine.plan.gather_figures` (simulate_deep, CUDA kernels).
@@ -114,6 +114,84 @@ def test_plan_cli_writes_a_config_for_a_tiny_budget(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Recommended: LoRA r16" in r.stdout and out.exists()
     assert "lora:" in out.read_text()
+
+
+# --- the recommendation: only a configuration whose direct simulation fits ---------------------------------------
+
+
+def fake_plan(monkeypatch, passes: set[str]) -> list[str]:
+    """`engine plan`'s simulations replaced (nothing simulated): three fitting candidates, fastest first, and a
+    direct simulation (`verify`) that only `passes` survive. Returns the names verified, in order."""
+    import engine.commands.plan as command
+
+    def plan(req, progress=None, workers=None):
+        by = {s.name: s for s in strategies(req)}
+        rows = [Row(by[name], ActivationChoice("no checkpointing", None, False), 1, 1, 10 * GIB, 8 * GIB, t, True, "")
+                for name, t in (("AdamW", 1.0), ("AdamW8bit", 1.1), ("AdamW8bit, in-backward", 1.2))]
+        return rows, rows[0]
+
+    verified = []
+
+    def verify(req, row):
+        verified.append(row.strategy.name)
+        if row.strategy.name not in passes:
+            row.fits, row.reason = False, "the direct simulation needs 99.00 GiB per GPU"
+        return row
+
+    monkeypatch.setattr(command, "plan", plan)
+    monkeypatch.setattr(command, "verify", verify)
+    return verified
+
+
+def test_plan_cli_recommends_nothing_when_no_direct_simulation_fits(tmp_path, monkeypatch):
+    """Every candidate fails its direct simulation: nothing is written, nothing called "Recommended", exit 1
+    (c672551 wrote the second failing one as the recommendation)."""
+    from conftest import run_inprocess_cli
+
+    verified = fake_plan(monkeypatch, passes=set())
+    out = tmp_path / "p.yaml"
+    r = run_inprocess_cli(["plan", "--gpu", "t4", "--write", out])
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Recommended" not in r.stdout and "Nothing fits" in r.stdout and not out.exists()
+    assert verified == ["AdamW", "AdamW8bit", "AdamW8bit, in-backward"]  # each tried, in the plan's order
+    assert r.stdout.count("no: the direct simulation needs") == 3
+
+
+def test_plan_cli_recommends_the_first_candidate_whose_direct_simulation_fits(tmp_path, monkeypatch):
+    from conftest import run_inprocess_cli
+
+    verified = fake_plan(monkeypatch, passes={"AdamW8bit, in-backward"})
+    out = tmp_path / "p.yaml"
+    r = run_inprocess_cli(["plan", "--gpu", "t4", "--write", out])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Recommended: AdamW8bit, in-backward | no checkpointing" in r.stdout
+    assert verified == ["AdamW", "AdamW8bit", "AdamW8bit, in-backward"]
+    assert "optimizer_in_backward: true" in out.read_text() and "adamw_8bit" in out.read_text()
+
+
+def test_recommend_stops_at_the_first_row_that_verifies():
+    """Pure: rows in `choose`'s order (fastest, then quality rank, then the larger micro-batch); rows that do not fit
+    by their figures are never verified."""
+    req = budget(15_360, None)
+    by = {s.name: s for s in strategies(req)}
+    act = ActivationChoice("no checkpointing", None, False)
+
+    def row(name, micro, t, fits=True):
+        return Row(by[name], act, micro, 1, GIB, GIB, t, fits, "")
+
+    rows = [row("AdamW8bit", 1, 1.0), row("AdamW", 1, 1.0), row("AdamW", 2, 1.0), row("AdamW", 4, 0.5, fits=False),
+            row("AdamW, in-backward", 1, 2.0)]
+    seen = []
+
+    def check(r):
+        seen.append((r.strategy.name, r.micro))
+        r.fits = r.strategy.name == "AdamW, in-backward"
+        return r
+
+    assert recommend(rows, check) is rows[-1]
+    assert seen == [("AdamW", 2), ("AdamW", 1), ("AdamW8bit", 1), ("AdamW, in-backward", 1)]
+    assert choose(rows) is rows[-1]  # the only row still marked as fitting
+    assert recommend(rows, lambda r: replace(r, fits=False)) is None
 
 
 # --- pre-flight ---------------------------------------------------------------------------------------------------

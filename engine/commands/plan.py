@@ -15,10 +15,10 @@ from engine.plan import (
     GIB,
     Request,
     activation_choices,
-    choose,
     format_table,
     parse_size,
     plan,
+    recommend,
     strategies,
     verify,
     write_config,
@@ -73,15 +73,10 @@ def run(args) -> int:
           + f", sequence {req.seq_len}" + (f", global batch {req.global_batch}" if req.global_batch else "")
           + f": simulating {n} configurations")
     bar = tqdm(total=n, unit="config", leave=False)
-    rows, chosen = plan(req, progress=lambda *_: bar.update(1), workers=args.workers)
+    rows, _ = plan(req, progress=lambda *_: bar.update(1), workers=args.workers)
     bar.close()
-    if chosen:
-        verify(req, chosen)
-        if not chosen.fits:  # the direct simulation disagreed: take the next one
-            rows2 = [r for r in rows if r.fits and r is not chosen]
-            chosen = choose(rows2)
-            if chosen:
-                verify(req, chosen)
+    # Only a candidate whose own direct simulation fits is recommended (the next one while it does not).
+    chosen = recommend(rows, lambda row: verify(req, row))
     print(format_table(rows, chosen))
     print(f"\nGPU GiB: simulated peak per GPU + {GPU_OVERHEAD['context_bytes'] // 2**20} MiB + "
           f"{GPU_OVERHEAD['fragmentation']:.0%} margin. host GiB and time: modelled (see engine/plan.py). "
