@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import checkpoint_problem, export_model, newest_complete
+from engine.checkpoint import checkpoint_problem, export_model, newest_complete, tokenizer_dir
 from engine.config import load_config
 from engine.devices import pick_device
 from engine.errors import EngineError, ModelLoadError
 from engine.model import build_model, from_pretrained, is_local_path, load_base_model, resize_vocab
-from engine.portable import read_portable
+from engine.portable import check_names
+from engine.resume import checkpoint_layout
 from engine.tokenizer import tokenizer_of
 
 TASK_OF_ARCH = {"ForSequenceClassification": "classification", "LMHeadModel": "causal_lm", "ForCausalLM": "causal_lm"}
@@ -187,29 +188,33 @@ def checkpoint_of(path: str) -> Path:
     return p
 
 
-def export_checkpoint(path: str, out: str | None = None, merge_lora: bool | None = None) -> tuple[Path, dict[str, Path]]:
-    """The HF model (and a LoRA run's adapter) from any checkpoint, whatever wrote it (one process, DeepSpeed ZeRO-1/2/3
-    shards from any number of ranks), in this one process: the run's config.yaml builds the model, engine.portable
-    reads the trained weights (fp32 masters where the run kept them). Written into the run folder unless it already
-    holds an export, or into `out`."""
-    ckpt = checkpoint_of(path)
+def export_checkpoint(path: str | Path, out: str | Path | None = None, merge_lora: bool | None = None,
+                      replace: bool = False, config=None) -> tuple[Path, dict[str, Path]]:
+    """The HF model (and a LoRA run's adapter) from a checkpoint of any layout (one process, DeepSpeed ZeRO-0/1/2/3
+    shards of any number of ranks, any precision), in this one process: the one export path, for `engine export`
+    and for the end of every run. The run's config (`config`, else its config.yaml) builds the model as an export
+    sees it (`build_model(training=False)`: frozen weights as built), and the checkpoint's layout class reads the
+    trained weights (the fp32 masters where the run kept them), copied in one tensor at a time. Written into the run
+    folder unless it already holds an export (`replace`: the end of a run overwrites its own), or into `out`."""
+    ckpt = checkpoint_of(str(path))
     run_dir = ckpt.parent.parent
-    if not (run_dir / "config.yaml").is_file():
+    if config is None and not (run_dir / "config.yaml").is_file():
         raise EngineError(f"{ckpt}: its run folder {run_dir} has no config.yaml to rebuild the model from")
     dest = Path(out) if out else run_dir
-    if out is None and any((dest / d).exists() for d in ("model", "adapter")):
+    if out is None and not replace and any((dest / d).exists() for d in ("model", "adapter")):
         raise EngineError(f"{dest} already holds an export: pass --out DIR to write this one elsewhere")
-    cfg = load_config([run_dir / "config.yaml"])
-    tok = tokenizer_of(str(ckpt / "tokenizer"))
-    model = build_model(cfg, vocab_size=len(tok), special_ids={
+    cfg = config if config is not None else load_config([run_dir / "config.yaml"])
+    tok = tokenizer_of(str(tokenizer_dir(ckpt)))
+    model = build_model(cfg, vocab_size=len(tok), training=False, special_ids={
         "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
-    weights = read_portable(ckpt, with_states=False).weights
+    weights = checkpoint_layout(ckpt).to_portable(ckpt, with_states=False).weights
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
-        missing, extra = sorted(set(params) - set(weights))[:3], sorted(set(weights) - set(params))[:3]
-        raise EngineError(f"{ckpt} does not fit the model its config.yaml builds (missing {missing}, unexpected {extra})")
+    try:
+        check_names(weights, params)
+    except ValueError as e:
+        raise EngineError(f"{ckpt} does not fit the model its config builds: {e}") from None
     with torch.no_grad():
-        for name, w in weights.items():
-            params[name].copy_(w)
+        for name, p in params.items():
+            p.copy_(weights[name])
     merge = cfg.checkpoint.export_merged_lora if merge_lora is None else merge_lora
     return ckpt, export_model(model, tok, dest, merge_lora=merge)

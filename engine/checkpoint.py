@@ -18,6 +18,9 @@ from engine.model import merged_copy, unwrap
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
+TRAINER_STATE = "trainer_state.json"  # the recipe's position, guards, layout (`read_trainer_state`)
+TOKENIZER_DIR = "tokenizer"
+RNG_FILE = "rng-rank{rank}.pt"
 
 
 def checkpoint_name(step: int) -> str:
@@ -86,12 +89,12 @@ def save_checkpoint(backend, step: int, trainer_state: dict, output_dir: str | P
         tmp.mkdir(parents=True)
     backend.barrier()
     backend.save(tmp)
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    torch.save(rng_state(), tmp / RNG_FILE.format(rank=rank))
     backend.barrier()
     if rank == 0:
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        write_json_atomic(tmp / "trainer_state.json", {**trainer_state, "py_rng": py_rng_state()})
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        write_json_atomic(tmp / TRAINER_STATE, {**trainer_state, "py_rng": py_rng_state()})
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         for f in files:
             with open(tmp / f, "rb") as fh:
@@ -174,13 +177,28 @@ def resolve_resume(resume: bool | str, output_dir: str | Path, warn=print) -> Pa
     return p
 
 
+def read_trainer_state(ckpt: Path) -> dict:
+    """A checkpoint's trainer state (step, data position, guards, the run layout it was saved with); a one-line error
+    when it cannot be read."""
+    try:
+        return json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EngineError(f"{ckpt}: its {TRAINER_STATE} is unreadable ({e})") from None
+
+
 def load_trainer_state(ckpt: Path, rank: int) -> dict:
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    rng_file = ckpt / f"rng-rank{rank}.pt"
+    """`read_trainer_state`, and this rank's RNG streams (torch, CUDA, Python, numpy) set as they were saved."""
+    state = read_trainer_state(ckpt)
+    rng_file = ckpt / RNG_FILE.format(rank=rank)
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
     set_py_rng_state(state.pop("py_rng"))
     return state
+
+
+def tokenizer_dir(ckpt: Path) -> Path:
+    """Where a checkpoint keeps the run's tokenizer."""
+    return ckpt / TOKENIZER_DIR
 
 
 # ----------------------------------------------------------------------------- HF export

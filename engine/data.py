@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -287,6 +288,23 @@ def collate(examples: list, pad_id: int, mode: str) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum())}
 
 
+class Sampler(Protocol):
+    """What the step loop asks of its training data, for in-memory splits (`StepSampler`) and streams
+    (`engine.streaming.StreamSampler`) alike."""
+
+    global_batch: int  # examples per optimizer step over all ranks
+    accum: int
+    steps_per_epoch: int | None  # None for a stream (known once it has ended)
+
+    def step_batches(self, step: int) -> tuple[int, list[dict]]:
+        """The epoch and this rank's micro-batches of optimizer step `step`."""
+
+    def state_dict(self) -> dict:
+        """The data position after the last step taken (what a checkpoint saves; it has an "epoch")."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class StepSampler:
     """Deterministic global batches: epoch e uses permutation(seed + e); step s takes its slice.
 
@@ -300,6 +318,7 @@ class StepSampler:
         self.seed, self.pad_id = seed, pad_id
         self.global_batch = micro * accum * world
         self._perm: tuple[int, torch.Tensor] | None = None
+        self.next_step = 0
         self.steps_per_epoch = len(split) // self.global_batch
         if self.steps_per_epoch == 0:
             raise DataError(
@@ -313,7 +332,16 @@ class StepSampler:
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
         if self._perm is None or self._perm[0] != epoch:
             self._perm = (epoch, self.permutation(epoch))
+        self.next_step = step + 1
         return epoch, self.micro_batches(epoch, in_epoch, self._perm[1])
+
+    def state_dict(self) -> dict:
+        """Where the data is: epoch e's order is randperm(seed + e), and the next step is step_in_epoch of it."""
+        epoch, in_epoch = divmod(self.next_step, self.steps_per_epoch)
+        return {"epoch": epoch, "step_in_epoch": in_epoch, "shuffle_seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_step = state["epoch"] * self.steps_per_epoch + state["step_in_epoch"]
 
     def permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed + epoch)

@@ -8,8 +8,8 @@ benchmarks all run the same module graph:
 from __future__ import annotations
 
 import copy
-
 import os
+import types
 from pathlib import Path
 
 import torch
@@ -279,8 +279,10 @@ def special_ids_of(model: nn.Module) -> dict[str, int | None]:
     return {k: getattr(config, k, None) for k in SPECIAL_IDS}
 
 
-def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int | None] | None = None) -> nn.Module:
-    """The trainable model with every model-side memory feature of `cfg.memory` applied (fp32 weights).
+def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int | None] | None = None,
+                training: bool = True) -> nn.Module:
+    """The trainable model with every model-side memory feature of `cfg.memory` applied, its dtypes placed
+    (`place_dtypes`; `training=False`: the model an export writes, frozen weights kept as built).
 
     `special_ids` (bos/eos/pad_token_id from the tokenizer) go into the config and generation config, so
     generation stops at a user-defined EOS."""
@@ -303,16 +305,58 @@ def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int | No
         if mem.lora.quantize_base == "nf4":
             quantize_base_4bit(model, DTYPES[mem.precision] if mem.precision in DTYPES else torch.float32)
         model = apply_lora(model, cfg, new_token_ids=new_ids)
-        for p in model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()  # adapters (and a classifier head) train in fp32 over a 16-bit-built base
     elif mem.freeze.embeddings or mem.freeze.first_n_blocks:
         apply_freeze(model, mem.freeze.embeddings, mem.freeze.first_n_blocks)
     if mem.activation_checkpointing and (mem.lora.enabled or mem.freeze.embeddings):
         # With frozen embeddings the first block's input has no grad; non-reentrant checkpointing handles that,
         # but HF's helper also makes the embedding output require grad, which costs nothing and is robust.
         unwrap(model, through_peft=True).enable_input_require_grads()
+    place_dtypes(model, cfg, training)
     return model
+
+
+def place_dtypes(model: nn.Module, cfg: RunConfig, training: bool = True) -> None:
+    """Every dtype decision after the build, in one place (the build dtype itself is `storage_dtype`):
+    - trainable parameters over a 16-bit-built base (LoRA adapters, a classifier head) train in fp32;
+    - memory.master_weights=bf16: the weights themselves are bf16 (no fp32 master copy), and under fp16 compute
+      (GPUs without bf16 math) `compute_fp16_from_bf16` makes the graph compute in fp16 from them;
+    - training in 16 bits with memory.frozen_weights_16bit: frozen matmul weights stored in the compute dtype
+      (`cast_frozen_matmul_weights`). Not for `training=False` (an export keeps the base's own fp32 weights).
+    DeepSpeed casts the whole module to its 16-bit dtype itself, over what is set here."""
+    mem = cfg.memory
+    if mem.master_weights == "bf16" and mem.precision == "fp32":
+        raise ConfigError("memory.master_weights=bf16 computes in 16 bits, but memory.precision resolved to fp32 on "
+                          "this device: set master_weights=fp32 here")
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point():
+            want = torch.bfloat16 if mem.master_weights == "bf16" else torch.float32
+            if p.dtype != want:
+                p.data = p.data.to(want)
+    if not training or mem.precision not in ("fp16", "bf16"):
+        return
+    if mem.master_weights == "bf16" and mem.precision == "fp16":
+        compute_fp16_from_bf16(model)
+    if mem.frozen_weights_16bit:
+        cast_frozen_matmul_weights(model, DTYPES[mem.precision], embeddings=mem.lora.quantize_base != "none")
+
+
+def compute_fp16_from_bf16(model: nn.Module) -> None:
+    """bf16 weights on a GPU without bf16 math (T4, V100): autocast runs every matmul in fp16 from the bf16 weights
+    (a cast per use; a bf16 weight of normal magnitude is exact in fp16). Embedding lookups are not autocast ops,
+    so their bf16 outputs are cast to fp16 here: otherwise bf16 + fp16 would promote the residual stream to fp32.
+    LayerNorms run in fp32, as CUDA's autocast runs them (CPU autocast would meet fp16 inputs with bf16 weights, a
+    combination its kernel refuses). Gradients reach the weights in bf16 after fp16 loss scaling."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.register_forward_hook(lambda _m, _args, out: out.to(torch.float16))
+        elif isinstance(module, nn.LayerNorm):
+            module.forward = types.MethodType(fp32_layer_norm, module)
+
+
+def fp32_layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.layer_norm(x.float(), module.normalized_shape, module.weight.float(),
+                                              module.bias.float(), module.eps)
 
 
 def unwrap(model: nn.Module, through_peft: bool = False) -> nn.Module:

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from engine.config import BNB_OPTIMIZERS, OptimConfig, ScheduleConfig
+from engine.portable import NotPortable, unpacked
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -164,18 +165,27 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 PIECED_OPTIMIZERS = ("adafactor", "adamw_4bit")  # stepped in pieces even with fp32 weights (InBackwardOptimizer)
 
 
-class InBackwardOptimizer:
+def piece_key(name: str, i: int) -> str:
+    """The key of piece `i` of parameter `name` among the in-backward optimizers (`InBackwardOptimizer.optimizers`)."""
+    return f"{name}#{i}"
+
+
+class InBackwardOptimizer(torch.optim.Optimizer):
     """One optimizer per parameter, stepped from `register_post_accumulate_grad_hook`.
 
-    Each gradient is consumed and freed the moment autograd finishes it, so at most a few
-    parameters' gradients exist at once instead of a full model-sized gradient buffer. The
-    hooks read `self.lr`, `self.inv_scale` (1/loss scale, for fp16) and report overflow.
+    Each gradient is consumed and freed the moment autograd finishes it, so at most a few parameters' gradients
+    exist at once instead of a full model-sized gradient buffer. To the rest of the engine it is an ordinary
+    optimizer with one parameter group: an LR scheduler sets that group's lr (the hooks read it), `step()` marks the
+    end of the iteration (the updates already happened in backward), and its state dict is the per-parameter
+    optimizers' (keys: parameter names, or `piece_key(name, i)` for a parameter stepped in pieces). The hooks also
+    read `inv_scale` (1/loss scale, for fp16) and report `overflow`.
     """
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, device_type: str = "cpu", step=None,
                  master_bf16: bool = False):
-        self.step_one = step or run_step  # the simulator allocates states instead of stepping
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        super().__init__([p for _, p in self.named], {"lr": cfg.lr})
+        self.step_one = step or run_step  # the simulator allocates states instead of stepping
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         # A parameter is stepped in pieces of at most FP32_PIECE elements (`piece_bounds`), each through its own
         # optimizer on a stand-in parameter, when
@@ -187,8 +197,8 @@ class InBackwardOptimizer:
         #   place. Whole rows per piece keep each piece a matrix, factored on its own by Adafactor (row statistics
         #   exact, column statistics per piece).
         self.master_bf16 = master_bf16
-        self.pieces: dict[str, list[tuple[str, int, int, nn.Parameter]]] = {}
-        pieced = master_bf16 or cfg.name in PIECED_OPTIMIZERS
+        self.pieces: dict[str, list[tuple[str, int, int, tuple, nn.Parameter]]] = {}
+        pieced = is_pieced(cfg.name, master_bf16)
         embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
         for name, p in self.named:
             # 4-bit moments on the token embedding (rare rows, tiny second moments) cost far more loss than anywhere
@@ -199,18 +209,25 @@ class InBackwardOptimizer:
                 holder = nn.Module()
                 holder.register_parameter("p", p)
                 opt = build_optimizer(holder, p_cfg, device_type)  # grouped by the real parameter's shape (decay)
-                key = f"{name}#{i}" if pieced else name
+                key = piece_key(name, i) if pieced else name
                 if pieced:
                     stand_in = nn.Parameter(p.new_empty(0, dtype=torch.float32))  # fake when p is (the simulator)
                     for group in opt.param_groups:
                         group["params"] = [stand_in if q is p else q for q in group["params"]]
                     self.pieces.setdefault(name, []).append((key, a, b, shape, stand_in))
                 self.optimizers[key] = opt
-        self.base_lr = cfg.lr
-        self.lr = cfg.lr
         self.inv_scale = 1.0
         self.overflow = False
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(name)) for name, p in self.named]
+
+    @property
+    def lr(self) -> float:
+        return self.param_groups[0]["lr"]
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        """The iteration's end: every parameter was already updated by its hook during backward."""
+        return None
 
     def _step(self, key: str) -> None:
         opt = self.optimizers[key]
@@ -248,21 +265,46 @@ class InBackwardOptimizer:
 
         return hook
 
-    @property
-    def param_groups(self) -> list[dict]:
-        return [{"lr": self.lr}]
-
     def state_dict(self) -> dict:
         return {"lr": self.lr, "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.lr = state["lr"]
+        self.param_groups[0]["lr"] = state["lr"]  # (as a torch optimizer restores its groups' lr)
         for n, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][n])
+
+    @staticmethod
+    def states_by_name(state: dict) -> dict[str, dict[str, torch.Tensor]]:
+        """Each parameter's optimizer state by name, from a `state_dict()` of an optimizer stepped whole (NotPortable
+        for one stepped in pieces: a piece's state is not the parameter's)."""
+        if any(key != piece_name(key) for key in state["optimizers"]):
+            raise NotPortable("its optimizer was stepped in pieces (bf16 weights, Adafactor or 4-bit AdamW), which only "
+                              "the optimizer-in-backward path of the same setup reads")
+        return {name: unpacked(next(iter(sd["state"].values()), {})) for name, sd in state["optimizers"].items()}
+
+    def set_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Per-parameter states by name (`states_by_name` of another layout) into the per-parameter optimizers."""
+        if self.pieces and states:
+            raise NotPortable("this run steps its optimizer in pieces (bf16 weights, Adafactor or 4-bit AdamW), whose "
+                              "states only a checkpoint of the same layout fills")
+        for name, p in self.named:
+            if name in states:
+                set_param_state(self.optimizers[name], p, states[name])
 
     def remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def piece_name(key: str) -> str:
+    """The parameter a `piece_key` (or a whole parameter's key) belongs to."""
+    return key.rpartition("#")[0] or key
+
+
+def is_pieced(optimizer: str, master_bf16: bool) -> bool:
+    """Whether the in-backward optimizer steps each parameter in pieces (its states are then per piece, and only a
+    checkpoint of the same setup can fill them)."""
+    return master_bf16 or optimizer in PIECED_OPTIMIZERS
 
 
 class DynamicLossScale:

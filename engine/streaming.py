@@ -3,7 +3,7 @@ cut line by line) on the fly.
 
 `ExampleStream` turns rows into examples; its position - the IterableDataset's own `state_dict()` after the last
 row read, plus the tokens and examples read but not yet used - is exact and JSON-sized, so a checkpoint holds it and
-a resume continues with the very next example (`StreamSampler.position` / `load_position`). When the stream ends a
+a resume continues with the very next example (`StreamSampler.state_dict` / `load_state_dict`). When the stream ends a
 new epoch starts it again from the top; the partial tail is dropped, as packing drops it. There is no shuffling: the
 stream's order is the training order (shuffle the data before, e.g. `ds.shuffle(seed).flatten_indices()`).
 """
@@ -140,12 +140,12 @@ class StreamSampler:
             out.append(collate(as_batch_examples(batch[start : start + self.micro], self.mode), self.pad_id, self.mode))
         return epoch, out
 
-    def position(self) -> dict:
+    def state_dict(self) -> dict:
         return {**self.examples.position(), "next_step": self.next_step}
 
-    def load_position(self, pos: dict) -> None:
-        self.examples.load_position(pos)
-        self.next_step = pos["next_step"]
+    def load_state_dict(self, state: dict) -> None:
+        self.examples.load_position(state)
+        self.next_step = state["next_step"]
 
 
 def required_columns(cfg: DataConfig) -> list[tuple[str, str]]:

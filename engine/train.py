@@ -10,6 +10,7 @@ optimizer); this file only sequences a run. `TrainingRecipe` is set up one job a
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from engine.artifacts import export_checkpoint
 from engine.backends import make_backend
 from engine.backends.base import Backend, StepStats
 from engine.backends.deepspeed_backend import (
@@ -29,14 +31,13 @@ from engine.backends.deepspeed_backend import (
 from engine.checkpoint import (
     checkpoint_name,
     checkpoints_dir,
-    export_model,
     load_trainer_state,
     resolve_resume,
     save_checkpoint,
 )
 from engine.classification import load_classification_splits
 from engine.config import RunConfig, config_to_yaml
-from engine.data import StepSampler, eval_batches, load_splits
+from engine.data import Sampler, StepSampler, eval_batches, load_splits
 from engine.devices import pick_device, resolve_precision, return_freed_host_memory
 from engine.distributed import DistEnv, dist_env
 from engine.early_stopping import EarlyStopping
@@ -47,17 +48,14 @@ from engine.memory.meter import MemoryMeter
 from engine.memory.tracker import CUDA_BLOCK, MemoryTracker
 from engine.metrics import eval_line, evaluate_classifier, lm_metrics, rank_share
 from engine.model import build_model, parameter_counts
-from engine.portable import NotPortable, read_portable
 from engine.preflight import preflight
 from engine.report import open_tensorboard, plot_run
+from engine.resume import ResumePlan, plan_resume, run_layout
 from engine.run_dir import (
     METRICS,
-    PORTABLE_LAYOUT,
     RUN_MARKER,
-    check_layout,
     check_output_dir,
     clear_run,
-    run_layout,
     truncate_metrics,
 )
 from engine.streaming import StreamSampler, streamed_splits
@@ -87,14 +85,8 @@ class TrainState:
     last_checkpoint: Path | None = None
     last_good: Path | None = None  # saved before the current run of non-finite steps began
 
-    def data_position(self, steps_per_epoch: int, seed: int) -> dict:
-        """Epoch e's order is randperm(seed + e); the next step is step_in_epoch of it."""
-        epoch, in_epoch = divmod(self.step, steps_per_epoch)
-        return {"epoch": epoch, "step_in_epoch": in_epoch, "shuffle_seed": seed}
-
-    def state_dict(self, steps_per_epoch: int | None, seed: int, stream: dict | None = None) -> dict:
-        """`stream`: a streamed run's position (data.streaming), which the step alone does not give."""
-        data = stream if stream is not None else self.data_position(steps_per_epoch, seed)
+    def state_dict(self, data: dict) -> dict:
+        """`data`: the sampler's position (`Sampler.state_dict`)."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val, "data": data,
                 "epoch": data["epoch"]}
 
@@ -209,10 +201,11 @@ class TrainingRecipe:
                      "steps_per_epoch": self.sampler.steps_per_epoch, "total_steps": self.total_steps,
                      "tokens_per_step": g * cfg.data.block_size, "precision": cfg.memory.precision}
         self.layout = run_layout(cfg, env.world_size, g, self.tok)
-        self.layout_changes: set[str] = set()
-        if self.resume_from is not None:
-            self.layout_changes = check_layout(self.resume_from, self.layout, cfg.checkpoint.allow_layout_change,
-                                               lambda m: say(env, m))
+        self.resume_plan: ResumePlan | None = None
+        if self.resume_from is not None:  # decided now, before any model loads
+            self.resume_plan = plan_resume(self.resume_from, self.layout, cfg.checkpoint.allow_layout_change)
+            for note in self.resume_plan.notes:
+                say(env, note)
         elif cfg.checkpoint.resume:
             replacing = (self.out / RUN_MARKER).exists()
             say(env, f"no complete checkpoint in {self.out}: starting from scratch"
@@ -221,7 +214,7 @@ class TrainingRecipe:
         self.val_batches = (eval_batches(val, cfg.train.micro_batch_size, self.tok.pad_token_id, cfg.eval.max_batches)
                             if val else [])
 
-    def make_sampler(self) -> StepSampler | StreamSampler:
+    def make_sampler(self) -> Sampler:
         """The splits (classification: label names become part of the run's config) and the train sampler."""
         cfg, env = self.cfg, self.env
         accum, micro = cfg.train.accum_steps(env.world_size), cfg.train.micro_batch_size
@@ -268,42 +261,24 @@ class TrainingRecipe:
                  f"{self.sampler.global_batch} x {cfg.data.block_size} tokens")
 
     def resume(self) -> None:
-        if self.resume_from is None:
+        plan = self.resume_plan
+        if plan is None:
             return
-        path = self.resume_from
-        st = load_trainer_state(path, self.env.rank)  # restores RNG: after the model's random init
+        st = load_trainer_state(plan.checkpoint, self.env.rank)  # restores RNG: after the model's random init
         try:
-            self.load_checkpoint_state(path)
+            done = plan.carry_out(self.backend)
         except (ValueError, KeyError, RuntimeError) as e:
-            raise EngineError(f"cannot resume {path}: its state does not fit this model/optimizer ({e})") from None
+            raise EngineError(f"cannot resume {plan.checkpoint}: its state does not fit this model/optimizer ({e})") \
+                from None
+        if plan.how != "exact":
+            say(self.env, done)
         if self.env.is_main:
             truncate_metrics(self.out / METRICS, st["step"])
-        self.state.load_state_dict(st, path)
-        if isinstance(self.sampler, StreamSampler):
-            self.sampler.load_position(st["data"])
+        self.state.load_state_dict(st, plan.checkpoint)
+        self.sampler.load_state_dict(st["data"])
         self.guard.load_state_dict(st.get("guard", {}))
         self.stopper.load_state_dict(st.get("early_stopping"))
-        say(self.env, f"resumed from {path} at step {self.state.step}")
-
-    def load_checkpoint_state(self, path: Path) -> None:
-        """As written when the layout is the same; else converted (engine.portable): exact for the same optimizer,
-        weights only (a fresh optimizer state) for another one, which check_layout allowed only on request."""
-        if not self.layout_changes & {*PORTABLE_LAYOUT, "optimizer"}:
-            self.backend.load(path)
-            return
-        fresh = "optimizer" in self.layout_changes
-        try:
-            ps = read_portable(path, with_states=not fresh)
-            self.backend.load_portable(ps)
-        except NotPortable as e:
-            if not self.cfg.checkpoint.allow_layout_change:
-                raise EngineError(f"cannot resume {path} on this layout: {e} (checkpoint.allow_layout_change=true "
-                                  "continues from its weights with a fresh optimizer state)") from None
-            say(self.env, f"warning: {e}: the optimizer starts from a fresh state")
-            ps = read_portable(path, with_states=False)
-            self.backend.load_portable(ps)
-        say(self.env, f"converted {path} from {ps.source} ({len(ps.weights)} weights, "
-                      f"{'optimizer state for ' + str(len(ps.states)) if ps.states else 'no optimizer state'})")
+        say(self.env, f"resumed from {plan.checkpoint} at step {self.state.step}")
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def train(self, log: RunLog) -> Path | None:
@@ -398,8 +373,7 @@ class TrainingRecipe:
         st = self.state
         if st.last_checkpoint is not None and st.last_checkpoint.name == checkpoint_name(st.step):
             return st.last_checkpoint  # already saved at this step
-        stream = self.sampler.position() if isinstance(self.sampler, StreamSampler) else None
-        trainer_state = {**st.state_dict(self.sampler.steps_per_epoch, self.cfg.train.seed, stream),
+        trainer_state = {**st.state_dict(self.sampler.state_dict()),
                          "guard": self.guard.state_dict(), "layout": self.layout, "early_stopping": self.stopper.state_dict()}
         keep = kept_checkpoints(self.stopper.best_checkpoint_name() if self.cfg.checkpoint.keep_best else None,
                                 bool(self.guard.run), st.last_good)
@@ -429,25 +403,29 @@ class TrainingRecipe:
             say(self.env, f"test: {eval_line(ev, 'test')}")
 
     def export(self, summary: dict) -> None:
-        """The final checkpoint, then the HF export of the final (or, with keep_best, the best) weights."""
+        """The final checkpoint, then the HF export of the final (or, with keep_best, the best) checkpoint, through
+        the one export path (`engine export` takes it too): the checkpoint's layout reads its weights (fp32 masters
+        where the run kept them) into a model built from the run's config. The training state is released first:
+        the export builds a model of its own."""
         cfg, st, env = self.cfg, self.state, self.env
         if st.step > self.start_step or self.resume_from is None:
             self.checkpoint()
         export_from = st.last_checkpoint
         if cfg.checkpoint.keep_best and self.stopper.best_step not in (None, st.step):
             export_from = checkpoints_dir(self.out) / self.stopper.best_checkpoint_name()
-            self.backend.load(export_from)  # export the best weights
             say(env, f"exporting the best checkpoint: {export_from} (val_loss {self.stopper.best:.4f})")
         summary["best"] = {"step": self.stopper.best_step,
                            "val_loss": None if self.stopper.best_step is None else self.stopper.best,
                            "early_stopped_at": self.stopper.stopped_at}
-        with self.backend.full_weights(export_from) as full:
-            if env.is_main:
-                written = export_model(full, self.tok, self.out, merge_lora=cfg.checkpoint.export_merged_lora)
-                summary["export"] = {k: str(v) for k, v in written.items()}
-                for k, v in written.items():
-                    print(f"exported {k}: {v}", flush=True)
-        self.backend.barrier()
+        barrier = self.backend.barrier
+        self.backend = None  # the model, optimizer and gradients: what follows reads the checkpoint or the export
+        gc.collect()
+        if env.is_main:
+            _, written = export_checkpoint(export_from, self.out, replace=True, config=cfg)
+            summary["export"] = {k: str(v) for k, v in written.items()}
+            for k, v in written.items():
+                print(f"exported {k}: {v}", flush=True)
+        barrier()
 
     def finish(self) -> dict:
         """After the loop: final evals, checkpoint and export, the sample, summary.json; the plots after the log."""

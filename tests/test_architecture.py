@@ -98,12 +98,21 @@ def test_a_run_that_raises_mid_step_releases_its_run_log(corpus, tmp_path, monke
 
 
 def test_train_state_and_retention_without_a_run(tmp_path):
-    """The trainer state, the data position and which checkpoints retention keeps are plain functions."""
+    """The trainer state, the sampler's data position and which checkpoints retention keeps are plain objects."""
+    import torch
+
+    from engine.data import StepSampler, TokenizedSplit
     from engine.train import TrainState, kept_checkpoints
 
+    sampler = StepSampler(TokenizedSplit("train", "packed", torch.zeros(12, 4, dtype=torch.long), 48), 2, 1, 2, 0, 5, 0)
+    assert sampler.steps_per_epoch == 3
+    sampler.step_batches(6)  # the 7th step: epoch 2, its first
+    assert sampler.state_dict() == {"epoch": 2, "step_in_epoch": 1, "shuffle_seed": 5}
+    resumed = StepSampler(sampler.split, 2, 1, 2, 1, 5, 0)
+    resumed.load_state_dict(sampler.state_dict())
+    assert resumed.state_dict() == sampler.state_dict()
     st = TrainState(step=7, tokens_seen=700)
-    assert st.data_position(steps_per_epoch=3, seed=5) == {"epoch": 2, "step_in_epoch": 1, "shuffle_seed": 5}
-    d = st.state_dict(3, 5)
+    d = st.state_dict(sampler.state_dict())
     assert d["step"] == 7 and d["epoch"] == 2 and math.isinf(d["best_val"])
     again = TrainState()
     again.load_state_dict(d, tmp_path / "step-0000007")

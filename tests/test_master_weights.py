@@ -55,7 +55,7 @@ def test_bf16_weights_compute_in_fp16_where_there_is_no_bf16(corpus, tmp_path):
     """The T4 form: bf16 weights, fp16 matmuls under loss scaling. The residual stream stays fp16 (embedding outputs
     are cast; bf16 + fp16 would promote it to fp32), and 30 steps track fp32 masters under the same fp16 autocast:
     final loss within 2%."""
-    from engine.backends.torch_backend import compute_fp16_from_bf16
+    from engine.model import compute_fp16_from_bf16
     from engine.model import build_model
 
     fp16 = {**IN_BACKWARD, "precision": "fp16"}

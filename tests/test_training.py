@@ -233,10 +233,14 @@ def test_frozen_weights_in_16bit_change_no_result(corpus, tmp_path):
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-6)
     from engine.model import cast_frozen_matmul_weights
 
-    model = build_model(validate_dict(tiny_overrides(corpus, tmp_path, memory=lora)), 50257)
+    cfg = validate_dict(tiny_overrides(corpus, tmp_path, memory=lora))
+    model = build_model(cfg, 50257, training=False)  # as an export builds it: the base's own fp32 weights
     n = cast_frozen_matmul_weights(model, torch.bfloat16)
     assert n == 2 * (32 * 96 + 96 + 32 * 32 + 32 + 32 * 128 + 128 + 128 * 32 + 32)  # c_attn, attn c_proj, c_fc, mlp c_proj
     assert model.base_model.model.transformer.wte.weight.dtype == torch.float32
+    trained = build_model(cfg, 50257)  # for training, engine.model.place_dtypes has cast them already
+    assert cast_frozen_matmul_weights(trained, torch.bfloat16) == 0
+    assert {p.dtype for p in trained.parameters() if p.requires_grad} == {torch.float32}  # the adapters
 
 
 def test_training_loop_logs_tracked_memory_by_category(corpus, tmp_path):

@@ -22,6 +22,37 @@ from engine.model import DTYPES
 from engine.portable import PortableState
 
 
+class CheckpointLayout(ABC):
+    """One on-disk form of a backend's state (the single-device step, the in-backward step, DeepSpeed by ZeRO stage
+    and precision). The class that writes a checkpoint's files also reads them, as they are (`load`: an unchanged
+    resume) and into a layout-free `PortableState` (`to_portable`: another layout, an export); its file names are
+    its own constants, spelled nowhere else. `from_portable` writes a PortableState into a live backend of this
+    layout."""
+
+    name: str = "checkpoint"
+
+    @abstractmethod
+    def save(self, backend: "Backend", ckpt: Path) -> None: ...
+
+    @abstractmethod
+    def load(self, backend: "Backend", ckpt: Path) -> None:
+        """A checkpoint this layout wrote, into `backend` of the same layout: exact."""
+
+    @abstractmethod
+    def to_portable(self, ckpt: Path, with_states: bool = True) -> PortableState:
+        """The checkpoint's trainable weights (fp32 masters where the run kept them) and, `with_states`, its optimizer
+        state, by parameter name; NotPortable when that state cannot leave this layout."""
+
+    @abstractmethod
+    def from_portable(self, backend: "Backend", ps: PortableState) -> None:
+        """Another layout's state into `backend` (weights, each parameter's optimizer state if any, the schedule)."""
+
+    def states_problem(self) -> str | None:
+        """Why this layout's optimizer state cannot be converted to or from another layout (None: it can). Asked
+        before anything loads, so a resume is decided in one place (engine.resume)."""
+        return None
+
+
 @dataclass
 class StepStats:
     loss: float  # token-weighted mean over the whole global batch (all ranks)
@@ -50,25 +81,21 @@ class Backend(ABC):
     @abstractmethod
     def train_step(self, micro_batches: list[dict]) -> StepStats: ...
 
-    @abstractmethod
-    def save(self, ckpt_dir: Path) -> None: ...
+    layout: CheckpointLayout  # how this backend's checkpoints are written and read (set by subclasses)
 
-    @abstractmethod
+    def save(self, ckpt_dir: Path) -> None:
+        self.layout.save(self, ckpt_dir)
+
     def load(self, ckpt_dir: Path) -> None:
         """A checkpoint this backend wrote, in the same layout."""
+        self.layout.load(self, ckpt_dir)
 
-    @abstractmethod
     def load_portable(self, ps: PortableState) -> None:
-        """A checkpoint of another layout, read by engine.portable (optimizer state by parameter name, maybe none)."""
+        """A checkpoint of another layout (optimizer state by parameter name, maybe none)."""
+        self.layout.from_portable(self, ps)
 
     @abstractmethod
     def lr(self) -> float: ...
-
-    @contextlib.contextmanager
-    def full_weights(self, ckpt_dir: Path | None = None):
-        """Yield the unwrapped transformers/peft model with full-precision, full (gathered) weights for rank 0
-        to export. `ckpt_dir` is the checkpoint just written for this step (some backends export from it)."""
-        yield self.model
 
     def optimizers(self) -> list:
         """The optimizer objects holding state (several for the in-backward path)."""

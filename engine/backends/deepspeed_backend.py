@@ -6,7 +6,6 @@ may be merged over it. On CPU DeepSpeed runs its CPU accelerator over gloo, the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -15,14 +14,222 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.backends.base import Backend, StepStats
+from engine.backends.base import Backend, CheckpointLayout, StepStats
 from engine.config import RunConfig, deep_merge
 from engine.distributed import DistEnv
-from engine.errors import ConfigError
+from engine.errors import ConfigError, EngineError
 from engine.loss import batch_loss_sum
-from engine.model import build_model, special_ids_of, unwrap
 from engine.optim import build_optimizer, build_scheduler, set_param_state, set_schedule_position
-from engine.portable import DS_TAG, ELEMENTWISE_STATES, PARAM_NAMES, NotPortable, PortableState
+from engine.portable import (
+    ELEMENTWISE_STATES,
+    NotPortable,
+    PortableState,
+    check_names,
+    merge_zero3,
+    merge_zero12,
+    states_by_name,
+)
+
+ELEMENTWISE_OPTIMIZERS = ("adamw", "cpu_adam")  # their states can be cut into ZeRO's flat partitions and back
+
+
+def _ds_globals() -> list:
+    """The DeepSpeed classes inside its checkpoint files that a weights-only load must be allowed to rebuild."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_deepspeed_file(path: Path) -> dict:
+    """One file of a DeepSpeed checkpoint, weights-only (its few DeepSpeed classes allowed by name)."""
+    with torch.serialization.safe_globals(_ds_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def zero_shard_name(ckpt: Path, tag: str, rank: int, bf16_mode: bool) -> Path:
+    """DeepSpeed's own name for `rank`'s ZeRO optimizer shard: its engine's naming methods, which read nothing of an
+    engine but each other (bf16 runs write `bf16_zero_pp_rank_*`, the others `zero_pp_rank_*`)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    class Names:
+        _get_zero_ckpt_prefix = DeepSpeedEngine._get_zero_ckpt_prefix
+        rank_zero_ckpt_name = DeepSpeedEngine._get_rank_zero_ckpt_name
+
+    return Path(Names().rank_zero_ckpt_name(str(ckpt), tag, 0, rank, bf16_mode))
+
+
+class DeepSpeedLayout(CheckpointLayout):
+    """DeepSpeed's checkpoint, as its engine writes it under the tag TAG: per ZeRO stage and precision, model states
+    and (ZeRO 1-3) one optimizer shard per rank, named by DeepSpeed (`zero_shard_name`, zero_to_fp32's
+    `get_model_state_file`); without ZeRO, PARAM_NAMES beside them names the optimizer's parameters."""
+
+    TAG = "deepspeed"
+    PARAM_NAMES = "param_names.json"
+
+    def __init__(self, stage: int, precision: str, optimizer: str):
+        self.stage, self.precision, self.optimizer = stage, precision, optimizer
+        self.name = f"DeepSpeed ZeRO-{stage} ({precision})"
+
+    def states_problem(self) -> str | None:
+        if self.stage > 0 and self.optimizer not in ELEMENTWISE_OPTIMIZERS:
+            return (f"its optimizer state ({self.optimizer}) inside DeepSpeed's flat ZeRO partitions cannot be cut by "
+                    "parameter (only AdamW's element-wise moments can)")
+        return None
+
+    def save(self, backend: "DeepSpeedBackend", ckpt: Path) -> None:
+        # Every rank writes its own optimizer/parameter partitions.
+        backend.engine.save_checkpoint(str(ckpt), tag=self.TAG, save_latest=False)
+        names = backend.optimizer_param_names()
+        if backend.dist.is_main and names is not None:
+            # ZeRO-0: the optimizer's state is keyed by position; its parameters' names make it portable.
+            (ckpt / self.TAG / self.PARAM_NAMES).write_text(json.dumps(names), encoding="utf-8")
+
+    def load(self, backend: "DeepSpeedBackend", ckpt: Path) -> None:
+        path, _ = backend.engine.load_checkpoint(str(ckpt), tag=self.TAG, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+        if path is None:
+            raise ValueError(f"no DeepSpeed state in {ckpt}")
+
+    # -- reading, without an engine
+    def model_state_file(self, ckpt: Path) -> Path:
+        from deepspeed.utils.zero_to_fp32 import get_model_state_file
+
+        try:
+            return Path(get_model_state_file(str(ckpt / self.TAG), self.stage))
+        except FileNotFoundError:
+            raise EngineError(f"{ckpt}: no DeepSpeed ZeRO-{self.stage} model states in {ckpt / self.TAG}") from None
+
+    def optimizer_shards(self, ckpt: Path) -> list[Path]:
+        """Every rank's ZeRO optimizer shard, by rank, or a one-line error naming the first one missing."""
+        bf16 = self.precision == "bf16"
+        first = zero_shard_name(ckpt, self.TAG, 0, bf16)
+        if not first.is_file() and zero_shard_name(ckpt, self.TAG, 0, not bf16).is_file():
+            bf16 = not bf16  # (as DeepSpeed's own loader, which tries both)
+            first = zero_shard_name(ckpt, self.TAG, 0, bf16)
+        if not first.is_file():
+            raise EngineError(f"{ckpt}: rank 0's ZeRO-{self.stage} optimizer shard ({first}) is missing")
+        world = load_deepspeed_file(first)["optimizer_state_dict"]["partition_count"]
+        world = max(world) if isinstance(world, list) else int(world)
+        shards = [zero_shard_name(ckpt, self.TAG, r, bf16) for r in range(world)]
+        missing = next((r for r, f in enumerate(shards) if not f.is_file()), None)
+        if missing is not None:
+            raise EngineError(f"{ckpt}: the checkpoint was written by {world} ranks but rank {missing}'s shard "
+                              f"({shards[missing]}) is missing")
+        return shards
+
+    def to_portable(self, ckpt: Path, with_states: bool = True) -> PortableState:
+        model_state = load_deepspeed_file(self.model_state_file(ckpt))
+        sched = model_state.get("lr_scheduler") or {}
+        steps = int(sched.get("last_epoch", model_state.get("global_steps", 0)))
+        if self.stage == 0:
+            weights, states = self._read_zero0(ckpt, model_state, with_states)
+            return PortableState(weights, states, steps, self.name)
+        shards = [load_deepspeed_file(p)["optimizer_state_dict"] for p in self.optimizer_shards(ckpt)]
+        weights, states = self._read_zero(model_state["param_shapes"], shards, with_states)
+        return PortableState(weights, states, steps, f"{self.name} on {len(shards)} rank(s)")
+
+    def _read_zero(self, shapes: list[dict], shards: list[dict], with_states: bool) -> tuple[dict, dict]:
+        """ZeRO 1-3: the fp32 flats and each element-wise state merged back into full tensors by parameter name."""
+        world = len(shards)
+        base = [s["base_optimizer_state"] if self.stage <= 2 else s["optimizer_state_dict"] for s in shards]
+
+        def merge(per_rank_groups: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+            if self.stage <= 2:
+                return merge_zero12(per_rank_groups, shapes, shards[0].get("param_alignment_paddings"))
+            return merge_zero3(per_rank_groups, shapes, world)
+
+        weights = merge([s["single_partition_of_fp32_groups" if self.stage <= 2 else "fp32_flat_groups"] for s in shards])
+        first = base[0]["state"]
+        keys = sorted(first[0]) if 0 in first and with_states else []
+        if [k for k in keys if k != "step" and k not in ELEMENTWISE_STATES]:
+            raise NotPortable(self.states_problem() or f"its optimizer state {keys} cannot be cut by parameter")
+        groups = range(len(shapes))
+        states: dict[str, dict[str, torch.Tensor]] = {name: {} for name in weights}
+        for key in (k for k in keys if k != "step"):
+            for name, t in merge([[b["state"][g][key] for g in groups] for b in base]).items():
+                states[name][key] = t
+        for g in groups if keys else ():
+            step = first[g]["step"]
+            for name in shapes[g]:
+                states[name]["step"] = step.clone() if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+        return weights, {name: st for name, st in states.items() if st}
+
+    def _read_zero0(self, ckpt: Path, model_state: dict, with_states: bool) -> tuple[dict, dict]:
+        """Without ZeRO: the optimizer's state dict in the model-state file, its parameters' names in PARAM_NAMES.
+        fp32: the client optimizer over the module's weights. 16-bit: DeepSpeed's wrapper, whose fp32 copies (one per
+        parameter, `fp32_groups`) are the masters and whose inner optimizer steps them."""
+        names_file = ckpt / self.TAG / self.PARAM_NAMES
+        opt = model_state.get("optimizer")
+        if opt is None or not names_file.is_file():
+            raise NotPortable("this DeepSpeed ZeRO-0 checkpoint does not name its optimizer's parameters (written "
+                              "before they were named)")
+        names = json.loads(names_file.read_text(encoding="utf-8"))
+        if "fp32_groups" in opt:  # 16-bit
+            weights = {n: t for group, ts in zip(names, opt["fp32_groups"]) for n, t in zip(group, ts)}
+            opt = opt["optimizer_state_dict"]
+        else:
+            weights = {n: model_state["module"][n].float() for group in names for n in group}
+        return weights, states_by_name(opt, names) if with_states else {}
+
+    # -- writing another layout's state into a live engine
+    def from_portable(self, backend: "DeepSpeedBackend", ps: PortableState) -> None:
+        """Every rank writes its own partitions of the fp32 masters and Adam moments through DeepSpeed's
+        `safe_set_full_*` API, and the module's working weights (whole, or gathered under ZeRO-3) from the same
+        masters. Without ZeRO, the optimizer's own parameters (the module's in fp32, DeepSpeed's fp32 copies in 16
+        bits) take the masters and their states directly."""
+        params = [(n, p) for n, p in backend.engine.module.named_parameters() if p.requires_grad]
+        check_names(ps.weights, [n for n, _ in params])
+        if self.stage == 0:
+            self._zero0_from_portable(backend, params, ps)
+        else:
+            self._zero_from_portable(backend, params, ps)
+        backend._set_schedule(ps)
+
+    def _zero0_from_portable(self, backend, params, ps: PortableState) -> None:
+        opt = backend.optimizer
+        masters = dict(zip([id(p) for g in getattr(opt, "fp16_groups", []) for p in g],
+                           [p for g in getattr(opt, "fp32_groups", []) for p in g]))
+        inner = opt.optimizer if masters else opt
+        with torch.no_grad():
+            for name, p in params:
+                w = ps.weights[name]
+                p.copy_(w.to(p.device, p.dtype))
+                master = masters.get(id(p), p)
+                if master is not p:
+                    master.copy_(w.to(master.device, master.dtype))
+                if name in ps.states:
+                    set_param_state(inner, master, ps.states[name])
+
+    def _zero_from_portable(self, backend, params, ps: PortableState) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        keys = {k for st in ps.states.values() for k in st} - {"step", *ELEMENTWISE_STATES}
+        if keys:
+            raise NotPortable(f"its optimizer state {sorted(keys)[:3]} cannot be cut into ZeRO partitions (only "
+                              "AdamW's element-wise moments can)")
+        if ps.states:
+            backend._materialize_optimizer_state()
+        for name, p in params:
+            master = ps.weights[name].to(backend.device, torch.float32)
+            backend._set_module_weight(p, master)
+            safe_set_full_fp32_param(p, master)
+            for key, value in ps.states.get(name, {}).items():
+                if key != "step":
+                    safe_set_full_optimizer_state(p, value.to(backend.device), key)
+        steps = {float(st["step"]) for st in ps.states.values() if "step" in st}
+        if len(steps) > 1:
+            raise ValueError(f"parameters were stepped different numbers of times ({sorted(steps)[:3]}), which one "
+                             "DeepSpeed step count cannot hold")
+        if steps:
+            step = steps.pop()
+            # the client optimizer inside ZeRO's wrapper, whose state is per flat partition
+            for state in backend.optimizer.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"].fill_(step)
+                elif "step" in state:
+                    state["step"] = int(step)
 
 
 def make_ds_config(cfg: RunConfig, world_size: int, device_type: str = "cuda", user_json: dict | None = None) -> dict:
@@ -142,6 +349,7 @@ class DeepSpeedBackend(Backend):
         self.model = self.engine
         self.device = self.engine.device
         self.engine.train()
+        self.layout = DeepSpeedLayout(cfg.memory.zero_stage, cfg.memory.precision, cfg.optim.name)
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
@@ -194,104 +402,18 @@ class DeepSpeedBackend(Backend):
             loss_scale=scale,
         )
 
-    @contextlib.contextmanager
-    def full_weights(self, ckpt_dir: Path | None = None):
-        module = self.engine.module
-        if self.cfg.memory.precision != "fp32" and ckpt_dir is not None:
-            # 16-bit training: the module holds rounded working copies; the true weights are the optimizer's fp32
-            # masters. Rebuild them from the checkpoint (any ZeRO stage) into a CPU fp32 model on rank 0.
-            yield self._fp32_model_from_checkpoint(ckpt_dir) if self.dist.is_main else None
-            return
-        if self.cfg.memory.zero_stage == 3:
-            import deepspeed
-
-            # Gathers every partitioned parameter on every rank for the duration (as DeepSpeed's own
-            # 16-bit save does); rank 0 writes.
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                yield module
-        else:
-            yield module
-
-    def _fp32_model_from_checkpoint(self, ckpt_dir: Path) -> torch.nn.Module:
-        from deepspeed.utils.zero_to_fp32 import (
-            get_fp32_state_dict_from_zero_checkpoint,
-        )
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="deepspeed")
-        vocab = unwrap(self.engine.module).get_input_embeddings().weight.shape[0]
-        if self.cfg.memory.zero_stage == 3:
-            vocab = getattr(unwrap(self.engine.module).get_input_embeddings().weight, "ds_shape", [vocab])[0]
-        # The training model's special token ids (a classifier finds its last token through pad_token_id).
-        model = build_model(self.cfg, vocab_size=vocab, special_ids=special_ids_of(self.engine.module))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight", "base_model.model.lm_head.weight"}
-        if unexpected or set(missing) - tied:
-            raise RuntimeError(f"fp32 export: missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
-        return model
-
-    def save(self, ckpt_dir: Path) -> None:
-        # Every rank writes its own optimizer/parameter partitions.
-        self.engine.save_checkpoint(str(ckpt_dir), tag="deepspeed", save_latest=False)
-        if self.dist.is_main and self._optimizer_holds_module_params():
-            # ZeRO-0: the optimizer's state is keyed by position; its parameters' names make it portable.
-            names = {id(p): n for n, p in self.engine.module.named_parameters()}
-            groups = [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]
-            (ckpt_dir / DS_TAG / PARAM_NAMES).write_text(json.dumps(groups), encoding="utf-8")
-
-    def _optimizer_holds_module_params(self) -> bool:
-        """True without ZeRO in fp32: DeepSpeed steps the client optimizer over the module's own parameters (ZeRO
-        and the 16-bit optimizers hand it flat fp32 partitions instead)."""
-        if self.cfg.memory.zero_stage > 0:  # (ZeRO-3 even shows its client optimizer with empty groups)
-            return False
-        module = {id(p) for p in self.engine.module.parameters()}
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        return bool(params) and all(id(p) in module for p in params)
-
-    def load_portable(self, ps: PortableState) -> None:
-        """A checkpoint from another layout (engine.portable): every rank writes its own partitions of the fp32
-        masters and Adam moments through DeepSpeed's `safe_set_full_*` API, and the module's working weights (whole,
-        or gathered under ZeRO-3) from the same masters."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        params = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
-        names = {n for n, _ in params}
-        if names != set(ps.weights):
-            missing, extra = sorted(names - set(ps.weights))[:3], sorted(set(ps.weights) - names)[:3]
-            raise ValueError(f"checkpoint weights do not match this model (missing {missing}, unexpected {extra})")
-        if self._optimizer_holds_module_params():  # ZeRO-0 fp32: the module's weights are the masters
-            with torch.no_grad():
-                for name, p in params:
-                    p.copy_(ps.weights[name].to(p.device, p.dtype))
-                    if name in ps.states:
-                        set_param_state(self.optimizer, p, ps.states[name])
-            self._set_schedule(ps)
-            return
-        keys = {k for st in ps.states.values() for k in st} - {"step", *ELEMENTWISE_STATES}
-        if keys:
-            raise NotPortable(f"its optimizer state {sorted(keys)[:3]} cannot be cut into ZeRO partitions (only "
-                              "AdamW's element-wise moments can)")
-        if ps.states:
-            self._materialize_optimizer_state()
-        for name, p in params:
-            master = ps.weights[name].to(self.device, torch.float32)
-            self._set_module_weight(p, master)
-            safe_set_full_fp32_param(p, master)
-            for key, value in ps.states.get(name, {}).items():
-                if key != "step":
-                    safe_set_full_optimizer_state(p, value.to(self.device), key)
-        steps = {float(st["step"]) for st in ps.states.values() if "step" in st}
-        if len(steps) > 1:
-            raise ValueError(f"parameters were stepped different numbers of times ({sorted(steps)[:3]}), which one "
-                             "DeepSpeed step count cannot hold")
-        if steps:
-            step = steps.pop()
-            # the client optimizer inside ZeRO's wrapper, whose state is per flat partition
-            for state in self.optimizer.optimizer.state.values():
-                if isinstance(state.get("step"), torch.Tensor):
-                    state["step"].fill_(step)
-                elif "step" in state:
-                    state["step"] = int(step)
-        self._set_schedule(ps)
+    # -- checkpoint content (DeepSpeedLayout writes and reads the files)
+    def optimizer_param_names(self) -> list[list[str]] | None:
+        """Without ZeRO, the module's parameters by name in the order the optimizer keeps their state (the client
+        optimizer's groups in fp32; DeepSpeed's 16-bit wrapper's `fp16_groups`, whose fp32 copies it steps one per
+        parameter); None under ZeRO, whose flat partitions `param_shapes` describes."""
+        if self.cfg.memory.zero_stage > 0:
+            return None
+        groups = getattr(self.optimizer, "fp16_groups", None) or [g["params"] for g in self.optimizer.param_groups]
+        names = {id(p): n for n, p in self.engine.module.named_parameters()}
+        if not all(id(p) in names for g in groups for p in g):
+            return None  # (a flat 16-bit wrapper: its groups are not the module's parameters)
+        return [[names[id(p)] for p in g] for g in groups]
 
     def _set_schedule(self, ps: PortableState) -> None:
         set_schedule_position(self.scheduler, ps.scheduler_steps)
@@ -337,10 +459,3 @@ class DeepSpeedBackend(Backend):
         else:
             with torch.no_grad():
                 p.data.copy_(master.to(p.dtype))
-
-    def load(self, ckpt_dir: Path) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(ckpt_dir), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None:
-            raise ValueError(f"no DeepSpeed state in {ckpt_dir}")

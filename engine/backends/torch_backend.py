@@ -10,32 +10,106 @@ worth counting), and `optimizer_step` allocating the states of optimizers whose 
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from engine.backends.base import Backend, StepStats
+from engine.backends.base import Backend, CheckpointLayout, StepStats
 from engine.config import RunConfig
 from engine.devices import pick_device
 from engine.distributed import DistEnv
-from engine.errors import ConfigError
 from engine.loss import batch_loss_sum
-from engine.model import cast_frozen_matmul_weights
 from engine.optim import (
     DynamicLossScale,
     InBackwardOptimizer,
     build_optimizer,
     build_scheduler,
-    lr_lambda,
+    is_pieced,
     run_step,
     set_param_state,
     set_schedule_position,
     step_context,
 )
-from engine.portable import NotPortable, PortableState
+from engine.portable import LazyTensors, NotPortable, PortableState, check_names, states_by_name
+
+
+class TorchLayout(CheckpointLayout):
+    """The single-device backend's checkpoint: the trainable weights as safetensors (in their training dtype: fp32
+    masters, or bf16 weights with memory.master_weights=bf16) and one weights-only torch file with the optimizer,
+    the schedule and the loss scaler."""
+
+    TRAINABLE = "trainable.safetensors"
+    OPTIMIZER = "optimizer.pt"
+    name = "the single-device torch backend"
+
+    def save(self, backend: "TorchBackend", ckpt: Path) -> None:
+        save_file(backend.trainable_weights(), str(ckpt / self.TRAINABLE))
+        torch.save(backend.optimizer_state(), ckpt / self.OPTIMIZER)
+
+    def load(self, backend: "TorchBackend", ckpt: Path) -> None:
+        backend.load_weights(self.weights(ckpt))
+        backend.load_optimizer_state(torch.load(ckpt / self.OPTIMIZER, map_location=backend.device, weights_only=True))
+
+    def weights(self, ckpt: Path) -> LazyTensors:
+        """The trainable weights by name, each read from the file when asked for."""
+        path = str(ckpt / self.TRAINABLE)
+        with safe_open(path, framework="pt") as f:
+            names = list(f.keys())
+
+        def read(name: str) -> torch.Tensor:
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor(name)
+
+        return LazyTensors(names, read)
+
+    def to_portable(self, ckpt: Path, with_states: bool = True) -> PortableState:
+        saved = torch.load(ckpt / self.OPTIMIZER, map_location="cpu", weights_only=True, mmap=True)
+        # (an in-backward checkpoint written when that step kept its own count of steps has "steps_done")
+        steps = int(saved["scheduler"]["last_epoch"] if "scheduler" in saved else saved["steps_done"])
+        states = self.states_by_name(saved) if with_states else {}
+        return PortableState(self.weights(ckpt), states, steps, self.name)
+
+    def states_by_name(self, saved: dict) -> dict[str, dict[str, torch.Tensor]]:
+        names = saved.get("param_names")
+        if names is None:
+            raise NotPortable("it was written before checkpoints named their optimizer's parameters")
+        return states_by_name(saved["optimizer"], names)
+
+    def from_portable(self, backend: "TorchBackend", ps: PortableState) -> None:
+        """Weights, then each parameter's optimizer state by name (none: the optimizer starts fresh), then the
+        schedule's position."""
+        backend.load_weights(ps.weights)
+        for name, p in backend.model.named_parameters():
+            if name in ps.states:
+                set_param_state(backend.optimizer, p, ps.states[name])
+        set_schedule_position(backend.scheduler, ps.scheduler_steps)
+
+
+class InBackwardLayout(TorchLayout):
+    """The optimizer-in-backward checkpoint: the same files, the optimizer state being one state dict per parameter
+    (or per piece of one: `InBackwardOptimizer`, which writes and reads that format)."""
+
+    name = "the single-device optimizer-in-backward step"
+
+    def __init__(self, optimizer: str, master_bf16: bool):
+        self.pieced = is_pieced(optimizer, master_bf16)
+
+    def states_problem(self) -> str | None:
+        if self.pieced:
+            return ("its optimizer is stepped in pieces (bf16 weights, Adafactor or 4-bit AdamW), whose states only a "
+                    "checkpoint of the same setup fills")
+        return None
+
+    def states_by_name(self, saved: dict) -> dict[str, dict[str, torch.Tensor]]:
+        return InBackwardOptimizer.states_by_name(saved["optimizer"])
+
+    def from_portable(self, backend: "TorchBackend", ps: PortableState) -> None:
+        backend.load_weights(ps.weights)
+        backend.optimizer.set_states(ps.states)
+        set_schedule_position(backend.scheduler, ps.scheduler_steps)
 
 
 class TorchBackend(Backend):
@@ -49,8 +123,6 @@ class TorchBackend(Backend):
         self.device = pick_device(cfg.train.device)
         if any(p.device != self.device for p in model.parameters()):
             model = model.to(self.device)
-        if cfg.memory.precision != "fp32" and cfg.memory.frozen_weights_16bit:
-            cast_frozen_matmul_weights(model, self.dtype, embeddings=cfg.memory.lora.quantize_base != "none")
         self.model = model
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -61,6 +133,7 @@ class TorchBackend(Backend):
         self.setup_optimizer(total_steps)
 
     def setup_optimizer(self, total_steps: int) -> None:
+        self.layout = TorchLayout()
         self.optimizer = build_optimizer(self.model, self.cfg.optim, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, total_steps, self.cfg.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.loss_scaling)
@@ -123,10 +196,13 @@ class TorchBackend(Backend):
         return {"loss_sum": loss_acc, "tokens": n_global.double(), "grad_norm": grad_norm, "skipped": skipped, "lr": lr,
                 "loss_scale": self.scaler.get_scale() if self.loss_scaling else None}
 
-    # -- checkpoints: trainable weights as safetensors, optimizer/scheduler/scaler as weights-only torch files
+    # -- checkpoint content (TorchLayout writes and reads the files)
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+
     def optimizer_state(self) -> dict:
         names = {id(p): n for n, p in self.model.named_parameters()}
-        # The parameters' names in the optimizer's order: what lets another layout read the state (engine.portable).
+        # The parameters' names in the optimizer's order: what lets another layout read the state (to_portable).
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "param_names": [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]}
@@ -136,33 +212,14 @@ class TorchBackend(Backend):
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
 
-    def save(self, ckpt_dir: Path) -> None:
-        trainable = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(ckpt_dir / "trainable.safetensors"))
-        torch.save(self.optimizer_state(), ckpt_dir / "optimizer.pt")
-
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-            raise ValueError(f"checkpoint weights do not match this model (missing {missing}, unexpected {extra})")
-        params = dict(self.model.named_parameters())
+    def load_weights(self, state) -> None:
+        """Trainable weights by name (a dict or `LazyTensors`), copied into the model one at a time: exact, the same
+        dtype, or fp32 masters into fp32 weights."""
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        check_names(state, params)
         with torch.no_grad():
-            for n, w in state.items():
-                params[n].copy_(w)  # exact: the same dtype, or fp32 masters into fp32 weights
-
-    def load(self, ckpt_dir: Path) -> None:
-        self.load_weights(load_file(str(ckpt_dir / "trainable.safetensors"), device=str(self.device)))
-        self.load_optimizer_state(torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=True))
-
-    def load_portable(self, ps: PortableState) -> None:
-        """A checkpoint from another layout: weights, then each parameter's optimizer state by name (none: the
-        optimizer starts fresh), then the schedule's position."""
-        self.load_weights(ps.weights)
-        for name, p in self.model.named_parameters():
-            if name in ps.states:
-                set_param_state(self.optimizer, p, ps.states[name])
-        set_schedule_position(self.scheduler, ps.scheduler_steps)
+            for n, p in params.items():
+                p.copy_(state[n])
 
 
 class InBackwardBackend(TorchBackend):
@@ -173,21 +230,12 @@ class InBackwardBackend(TorchBackend):
     name = "torch"
 
     def setup_optimizer(self, total_steps: int) -> None:
-        master_bf16 = self.cfg.memory.master_weights == "bf16"
-        if master_bf16:
-            if self.dtype == torch.float32:
-                raise ConfigError("memory.master_weights=bf16 computes in 16 bits, but memory.precision resolved to "
-                                  "fp32 on this device: set master_weights=fp32 here")
-            for p in self.model.parameters():
-                if p.is_floating_point():
-                    p.data = p.data.to(torch.bfloat16)  # the weights themselves: no fp32 master copy
-            if self.dtype == torch.float16:
-                compute_fp16_from_bf16(self.model)
+        master_bf16 = self.cfg.memory.master_weights == "bf16"  # the weights are bf16 already (engine.model)
+        self.layout = InBackwardLayout(self.cfg.optim.name, master_bf16)
         self.optimizer = InBackwardOptimizer(self.model, self.cfg.optim, self.device.type, self.optimizer_step,
                                              master_bf16=master_bf16)
-        self.lr_fn = lr_lambda(total_steps, self.cfg.schedule)
-        self.steps_done = 0
-        self.optimizer.lr = self.cfg.optim.lr * self.lr_fn(0)
+        # An ordinary scheduler sets the lr the hooks read: the schedule's state is the plain step's.
+        self.scheduler = build_scheduler(self.optimizer, total_steps, self.cfg.schedule)
         self.loss_scale = DynamicLossScale() if self.loss_scaling else None
 
     def optimizers(self) -> list:
@@ -209,50 +257,23 @@ class InBackwardBackend(TorchBackend):
         (loss_sum * (scale / n)).backward()
         if self.loss_scale:
             self.loss_scale.update(opt.overflow)
-        self.steps_done += 1
-        opt.lr = self.cfg.optim.lr * self.lr_fn(self.steps_done)
+        opt.step()  # (a no-op: the parameters stepped in backward) then the schedule moves on, as after any step
+        self.scheduler.step()
         return {"loss_sum": loss_sum.detach(), "tokens": torch.tensor(float(n)), "grad_norm": None,
                 "skipped": opt.overflow, "lr": lr, "loss_scale": self.loss_scale.scale if self.loss_scale else None}
 
     def optimizer_state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "steps_done": self.steps_done,
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "loss_scale": self.loss_scale.state_dict() if self.loss_scale else None}
-
-    def load_portable(self, ps: PortableState) -> None:
-        if self.optimizer.pieces and ps.states:
-            raise NotPortable("this run steps its optimizer in pieces (bf16 weights, Adafactor or 4-bit AdamW), whose "
-                              "states only a checkpoint of the same layout fills")
-        self.load_weights(ps.weights)
-        for name, p in self.model.named_parameters():
-            if name in ps.states:
-                set_param_state(self.optimizer.optimizers[name], p, ps.states[name])
-        self.steps_done = ps.scheduler_steps
-        self.optimizer.lr = self.cfg.optim.lr * self.lr_fn(self.steps_done)
 
     def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.steps_done = state["steps_done"]
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:  # written when this step kept its own count of steps
+            set_schedule_position(self.scheduler, state["steps_done"])
         if self.loss_scale and state["loss_scale"]:
             self.loss_scale.load_state_dict(state["loss_scale"])
-
-
-def compute_fp16_from_bf16(model: torch.nn.Module) -> None:
-    """bf16 weights on a GPU without bf16 math (T4, V100): autocast runs every matmul in fp16 from the bf16 weights
-    (a cast per use; a bf16 weight of normal magnitude is exact in fp16). Embedding lookups are not autocast ops,
-    so their bf16 outputs are cast to fp16 here: otherwise bf16 + fp16 would promote the residual stream to fp32.
-    LayerNorms run in fp32, as CUDA's autocast runs them (CPU autocast would meet fp16 inputs with bf16 weights, a
-    combination its kernel refuses). Gradients reach the weights in bf16 after fp16 loss scaling."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding):
-            module.register_forward_hook(lambda _m, _args, out: out.to(torch.float16))
-        elif isinstance(module, torch.nn.LayerNorm):
-            module.forward = types.MethodType(fp32_layer_norm, module)
-
-
-def fp32_layer_norm(module: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(x.device.type, enabled=False):
-        return torch.nn.functional.layer_norm(x.float(), module.normalized_shape, module.weight.float(),
-                                              module.bias.float(), module.eps)
 
 
 def single_device_backend(cfg: RunConfig, dist_env: DistEnv, model: torch.nn.Module, total_steps: int,

@@ -42,6 +42,10 @@ def run(args) -> int:
         for key, default, desc in describe_schema():
             print(f"{key:40s} {default:24s} {desc}")
         return 0
+    if args.resume and "=" in args.resume:
+        # `--resume logging.output_dir=out`: argparse gave the option the next token, but a key=value token is an
+        # override, never a checkpoint path.
+        args.overrides, args.resume = [*args.overrides, args.resume], "latest"
     if args.resume:
         args.overrides = [*args.overrides, f"checkpoint.resume={'true' if args.resume == 'latest' else args.resume}"]
     if args.no_preflight:
