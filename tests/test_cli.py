@@ -72,3 +72,14 @@ def test_existing_run_is_not_overwritten(tmp_path):
     r = run_inprocess_cli(["train", f"logging.output_dir={out}"])
     assert r.returncode == 2 and "already holds a run" in r.stderr
     assert (out / "run.json").read_text() == "{}"
+
+
+def test_resume_before_an_override_takes_no_path(corpus, tmp_path):
+    """`engine train data.train_file=x.txt --resume logging.output_dir=out` (the README's own example): a key=value token
+    after --resume is an override, never the checkpoint's path, so the run resumes the newest checkpoint of out."""
+    out = tmp_path / "out"
+    rc, stdout, err = run_main(["train", f"data.train_file={corpus['train']}", "--resume", f"logging.output_dir={out}",
+                                "--dry-run", "model.n_layer=1", "train.max_steps=2"])
+    assert rc == 0, err
+    assert "not a checkpoint folder" not in err
+    assert f"no complete checkpoint in {out}" in stdout and f"output_dir: {out}" in stdout

@@ -1,13 +1,17 @@
-"""Resuming on another layout (engine.portable): world size, ZeRO stage and backend change between runs, the optimizer
-state comes along bit for bit, and the losses continue those of a run that never changed layout (fp32, dropout 0,
-the same global batch of 4 sequences: one process with micro-batch 4, or 2 ranks with micro-batch 2).
+"""Resuming on another layout: world size, ZeRO stage, precision-specific DeepSpeed layouts and backend change
+between runs, the optimizer state comes along bit for bit, and the losses continue those of a run that never changed
+layout (dropout 0, the same global batch of 4 sequences: one process with micro-batch 4, or 2 ranks with
+micro-batch 2). Run in fp32 and, where this CPU computes bf16 natively (probed: `cpu_has_native_bf16`), in bf16.
+fp16 is not in the chain: DeepSpeed's CPU accelerator refuses it on CPUs without fp16 kernels (`precision_problem`),
+and the torch backend's fp16 path has its own resume test (tests/test_resilience.py, GradScaler state).
 
-The chain (5 launcher runs): a single-process reference of 16 steps; 2-rank ZeRO-3 from scratch (the 2-rank run that
-never changes layout); 2-rank ZeRO-2 for 3 steps, resumed on one process (plain AdamW, and AdamW stepped in
-backward) for 10; 2-rank ZeRO-3 resumed from the reference at step 3 for 10; 2-rank ZeRO-1 and ZeRO-0 resumed from
-the ZeRO-3 run at step 6 for 10. Bitwise state checks load those checkpoints in this process (DeepSpeed targets on
-one rank) and read the state back (DeepSpeed's `safe_get_full_*`). The 2-rank runs also stand in for
-tests/test_distributed.py's ZeRO-2/3 checks against DeepSpeed and the simulator."""
+The chain: single-process references of 16 steps (fp32, bf16) in this process; then ONE launcher start
+(tests/helpers/train_many.py) trains every 2-rank run one after another: fp32 ZeRO-3 from scratch (the 2-rank run that
+never changes layout), ZeRO-2 for 3 steps, ZeRO-3 resumed from the reference at step 3, ZeRO-1 and ZeRO-0 resumed
+from the ZeRO-3 run at step 6; and in bf16: ZeRO-3 from scratch, ZeRO-2 and ZeRO-0 for 3 steps, ZeRO-1 resumed from
+the bf16 ZeRO-3 run at step 6. One-process continuations and bitwise state checks load those checkpoints in this
+process (DeepSpeed targets on one rank) and read the state back (DeepSpeed's `safe_get_full_*`). The fp32 2-rank
+runs also stand in for tests/test_distributed.py's ZeRO-2/3 checks against DeepSpeed and the simulator."""
 
 import json
 import math
@@ -18,11 +22,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_inprocess, run_main, tiny_overrides, train_losses
+from conftest import ROOT, flat_overrides, run_inprocess, run_main, tiny_overrides, train_losses
+from engine.backends.deepspeed_backend import load_deepspeed_file
 from engine.config import validate_dict
+from engine.devices import cpu_has_native_bf16
 from engine.distributed import dist_env
 from engine.errors import EngineError
-from engine.portable import load_deepspeed_file, read_portable
+from engine.resume import checkpoint_layout
 from engine.train import TrainingRecipe
 from test_distributed import check_zero_run, launch
 
@@ -30,12 +36,26 @@ pytestmark = pytest.mark.slow
 
 TOTAL = 16
 TOL = 1e-5
+# bf16 autocast: one process with micro-batch 4 and 2 ranks with micro-batch 2 round differently (other matmul shapes,
+# another reduction order). Measured (2-core AMD EPYC, avx512-bf16): the 2-rank bf16 run itself differs from the
+# one-process run by up to 3.0e-4 in its first 3 steps, and its one-process continuations by up to 2.8e-4 over 10
+# steps; a 2-rank continuation of a 2-rank run (ZeRO-3 -> ZeRO-1) is exact (0.0).
+BF16_TOL = 1e-3
+BF16 = cpu_has_native_bf16()
+needs_bf16 = pytest.mark.skipif(not BF16, reason="this CPU has no native bf16 (avx512-bf16 / AMX): bf16 runs would be "
+                                                 "emulated, slowly, and users do not train in bf16 on it")
 
 
-def layout(stage: int = 0, ranks: int = 1, in_backward: bool = False, **extra) -> dict:
-    """Overrides for one layout of the same run: fp32, no clipping (in-backward has none), checkpoints every 3, a
-    constant lr after warmup (so runs that stop at different steps share the schedule)."""
-    return {"memory": {"zero_stage": stage, "optimizer_in_backward": in_backward}, "schedule": {"decay": "constant"},
+def read_portable(ckpt: Path, with_states: bool = True):
+    """The checkpoint as its own layout class reads it."""
+    return checkpoint_layout(ckpt).to_portable(ckpt, with_states)
+
+
+def layout(stage: int = 0, ranks: int = 1, in_backward: bool = False, precision: str = "fp32", **extra) -> dict:
+    """Overrides for one layout of the same run: no clipping (in-backward has none), checkpoints every 3, a constant
+    lr after warmup (so runs that stop at different steps share the schedule)."""
+    return {"memory": {"zero_stage": stage, "optimizer_in_backward": in_backward, "precision": precision},
+            "schedule": {"decay": "constant"},
             "train": {"micro_batch_size": 4 // ranks, "max_steps": TOTAL, **extra.pop("train", {})},
             "optim": {"grad_clip": None}, "checkpoint": {"every_n_steps": 3, "keep_last": 10, **extra.pop("checkpoint", {})},
             **extra}
@@ -50,17 +70,30 @@ def runs(corpus, tmp_path_factory) -> dict[str, Path]:
     """The runs that never change layout (one process, and 2-rank ZeRO-3: ranks sum gradients in another order, which
     drifts by ~1e-5 in 10 steps, so a 2-rank continuation is held to a 2-rank reference) and the changed ones."""
     root = tmp_path_factory.mktemp("layouts")
-    out = {name: root / name for name in ("ref", "zero3", "zero2", "to_zero3", "to_zero1", "to_zero0")}
+    names = ["ref", "zero3", "zero2", "to_zero3", "to_zero1", "to_zero0"]
+    names += ["ref_bf16", "zero3_bf16", "zero2_bf16", "zero0_bf16", "to_zero1_bf16"] if BF16 else []
+    out = {name: root / name for name in names}
     run_inprocess(corpus, out["ref"], **layout())
     tracked = {"logging": {"track_memory": True}}  # checked against DeepSpeed and the simulator: test_zero_runs...
-    launch(tiny_overrides(corpus, out["zero3"], **layout(3, 2, **tracked)), 29631)
-    launch(tiny_overrides(corpus, out["zero2"], **layout(2, 2, train={"max_steps": 3}, **tracked)), 29632)
-    launch(tiny_overrides(corpus, out["to_zero3"], **layout(3, 2, train={"max_steps": 13},
-                                                           checkpoint={"resume": str(ckpt(out["ref"], 3))})), 29633)
-    launch(tiny_overrides(corpus, out["to_zero1"], **layout(1, 2, checkpoint={"resume": str(ckpt(out["zero3"], 6))})),
-           29634)
-    launch(tiny_overrides(corpus, out["to_zero0"], **layout(0, 2, checkpoint={"resume": str(ckpt(out["zero3"], 6))})),
-           29635)
+    chain = [
+        ("zero3", layout(3, 2, **tracked)),
+        ("zero2", layout(2, 2, train={"max_steps": 3}, **tracked)),
+        ("to_zero3", layout(3, 2, train={"max_steps": 13}, checkpoint={"resume": str(ckpt(out["ref"], 3))})),
+        ("to_zero1", layout(1, 2, checkpoint={"resume": str(ckpt(out["zero3"], 6))})),
+        ("to_zero0", layout(0, 2, checkpoint={"resume": str(ckpt(out["zero3"], 6))})),
+    ]
+    if BF16:
+        run_inprocess(corpus, out["ref_bf16"], **layout(precision="bf16"))
+        chain += [
+            ("zero3_bf16", layout(3, 2, precision="bf16")),
+            ("zero2_bf16", layout(2, 2, precision="bf16", train={"max_steps": 3})),
+            ("zero0_bf16", layout(0, 2, precision="bf16", train={"max_steps": 3})),
+            ("to_zero1_bf16", layout(1, 2, precision="bf16",
+                                     checkpoint={"resume": str(ckpt(out["zero3_bf16"], 6))})),
+        ]
+    runs_file = root / "runs.json"
+    runs_file.write_text(json.dumps([flat_overrides(tiny_overrides(corpus, out[name], **lay)) for name, lay in chain]))
+    launch({}, 29631, script=ROOT / "tests" / "helpers" / "train_many.py", env_extra={"RUNS": str(runs_file)})
     return out
 
 
@@ -70,14 +103,18 @@ def assert_follows(losses: list[float], ref: list[float], first_step: int, atol:
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=0, atol=atol)
 
 
-def test_two_ranks_zero2_continue_on_one_process_and_in_backward(corpus, tmp_path, runs):
-    ref = train_losses(runs["ref"])
-    for name, lay in (("plain", layout(train={"max_steps": 13})),
-                      ("in_backward", layout(in_backward=True, train={"max_steps": 13}))):
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_bf16)])
+def test_two_ranks_zero2_continue_on_one_process_and_in_backward(corpus, tmp_path, runs, precision):
+    """fp32 within 1e-5 of the one-process run; bf16 (the DeepSpeed shards DeepSpeed names `bf16_zero_pp_rank_*`)
+    within BF16_TOL."""
+    suffix, atol = ("", TOL) if precision == "fp32" else ("_bf16", BF16_TOL)
+    ref = train_losses(runs["ref" + suffix])
+    for name, lay in (("plain", layout(precision=precision, train={"max_steps": 13})),
+                      ("in_backward", layout(in_backward=True, precision=precision, train={"max_steps": 13}))):
         out = tmp_path / name
-        lay["checkpoint"]["resume"] = str(ckpt(runs["zero2"], 3))
+        lay["checkpoint"]["resume"] = str(ckpt(runs["zero2" + suffix], 3))
         run_inprocess(corpus, out, **lay)
-        assert_follows(train_losses(out), ref, 4)
+        assert_follows(train_losses(out), ref, 4, atol)
 
 
 @pytest.mark.parametrize("name, stage", [("zero3", 3), ("zero2", 2)])
@@ -97,6 +134,13 @@ def test_one_process_continues_on_two_ranks_zero3_and_zero3_on_zero1_and_zero0(r
     assert_follows(train_losses(runs["to_zero0"]), zero3, 7)  # 2-rank data parallel without ZeRO
 
 
+@needs_bf16
+def test_bf16_zero3_continues_on_zero1(runs):
+    """The 2-rank bf16 ZeRO-3 run resumed on 2-rank bf16 ZeRO-1 at step 6: the same reduction order, so the bf16
+    continuation follows the run that never changed as closely as fp32 does."""
+    assert_follows(train_losses(runs["to_zero1_bf16"]), train_losses(runs["zero3_bf16"]), 7)
+
+
 def resumed_state(corpus, out: Path, lay: dict) -> tuple[dict, dict]:
     """Load a checkpoint on `lay` in this process and read the state back by name: (weights, optimizer states)."""
     cfg = validate_dict(tiny_overrides(corpus, out, **lay))
@@ -105,6 +149,11 @@ def resumed_state(corpus, out: Path, lay: dict) -> tuple[dict, dict]:
     recipe.setup_backend()
     recipe.resume()
     backend = recipe.backend
+    if backend.name == "deepspeed" and backend.cfg.memory.zero_stage == 0:  # DeepSpeed's wrapper: fp32 copies
+        opt = backend.optimizer
+        masters = {id(p): m for g, ms in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(g, ms)}
+        named = [(n, masters[id(p)]) for n, p in backend.engine.module.named_parameters() if p.requires_grad]
+        return {n: m.detach().cpu() for n, m in named}, {n: opt.optimizer.state[m] for n, m in named}
     if backend.name == "deepspeed":
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -129,7 +178,17 @@ def resumed_state(corpus, out: Path, lay: dict) -> tuple[dict, dict]:
     (("zero3", 6), layout(1)),
     (("zero2", 3), layout(2)),
     (("to_zero0", 9), layout()),  # 2-rank DeepSpeed without ZeRO -> one process
-])
+    pytest.param(("zero2_bf16", 3), layout(precision="bf16"), marks=needs_bf16),
+    pytest.param(("zero2_bf16", 3), layout(in_backward=True, precision="bf16"), marks=needs_bf16),
+    pytest.param(("zero3_bf16", 6), layout(1, precision="bf16"), marks=needs_bf16),
+    pytest.param(("ref_bf16", 3), layout(3, precision="bf16"), marks=needs_bf16),
+    pytest.param(("zero0_bf16", 3), layout(precision="bf16"), marks=needs_bf16),  # DeepSpeed's 16-bit wrapper
+    pytest.param(("zero3_bf16", 6), layout(0, precision="bf16"), marks=needs_bf16),
+    (("to_zero1", 9), layout(in_backward=True)),  # ZeRO-1 as the source
+    pytest.param(("to_zero1_bf16", 9), layout(precision="bf16"), marks=needs_bf16),
+    pytest.param(("zero3_bf16", 6), layout(in_backward=True, precision="bf16"), marks=needs_bf16),
+    pytest.param(("zero0_bf16", 3), layout(2, precision="bf16"), marks=needs_bf16),
+], ids=lambda v: v[0] if isinstance(v, tuple) else None)
 def test_converted_state_is_bitwise_the_source(corpus, tmp_path, runs, source, target):
     src = ckpt(runs[source[0]], source[1])
     target["checkpoint"]["resume"] = str(src)
@@ -140,7 +199,8 @@ def test_converted_state_is_bitwise_the_source(corpus, tmp_path, runs, source, t
         assert torch.equal(w, ps.weights[name]), name
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(torch.as_tensor(states[name][key]).cpu().float(), ps.states[name][key].float()), (name, key)
-        assert float(ps.states[name]["step"]) == source[1]
+        # (DeepSpeed's 16-bit wrapper without ZeRO creates its states with one zero-gradient step at start)
+        assert float(ps.states[name]["step"]) == source[1] + (source[0] == "zero0_bf16")
 
 
 def test_8bit_states_move_between_the_plain_and_the_in_backward_step(corpus, tmp_path):
@@ -159,21 +219,24 @@ def test_8bit_states_move_between_the_plain_and_the_in_backward_step(corpus, tmp
     # into ZeRO's flat partitions they cannot go (blocks would straddle parameters): refused, or weights only
     zero = layout(1, train={"max_steps": 4}, **eight)
     zero["checkpoint"]["resume"] = str(ckpt(src, 3))
-    with pytest.raises(EngineError, match="cannot be cut into ZeRO partitions.*allow_layout_change=true"):
+    with pytest.raises(EngineError, match="flat ZeRO partitions cannot be cut by parameter.*allow_layout_change=true"):
         run_inprocess(corpus, tmp_path / "zero_refused", **zero)
     zero["checkpoint"]["allow_layout_change"] = True
     assert len(run_inprocess(corpus, tmp_path / "zero_fresh", **zero)[1]) == 1
 
 
-def test_a_missing_rank_shard_is_one_line_naming_it(runs, tmp_path):
+@pytest.mark.parametrize("run, prefix", [("zero2", ""), pytest.param("zero2_bf16", "bf16_", marks=needs_bf16)])
+def test_a_missing_rank_shard_is_one_line_naming_it(runs, tmp_path, run, prefix):
+    """The shard names are DeepSpeed's own, by precision: a bf16 run's complete checkpoint reads (the conversions
+    above), and a missing shard is named as DeepSpeed wrote it."""
     broken = tmp_path / "step-0000003"
-    shutil.copytree(ckpt(runs["zero2"], 3), broken)
-    shard = broken / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shutil.copytree(ckpt(runs[run], 3), broken)
+    shard = broken / "deepspeed" / f"{prefix}zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.unlink()
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["files"].pop(f"deepspeed/{shard.name}")
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(EngineError, match="rank 1's shard .*zero_pp_rank_1_mp_rank_00_optim_states.pt.* is missing"):
+    with pytest.raises(EngineError, match=f"rank 1's shard .*/{prefix}zero_pp_rank_1_mp_rank_00_optim_states.pt.* is missing"):
         read_portable(broken)
 
 
@@ -212,13 +275,15 @@ def test_a_bad_gradient_on_one_rank_is_skipped_by_every_rank(corpus, tmp_path, s
         assert all(torch.isfinite(w).all() for w in weights)
 
 
-def test_export_from_zero3_shards_without_a_launcher(runs, tmp_path):
-    """`engine export` on a 2-rank ZeRO-3 checkpoint, in one process: the model equals DeepSpeed's own consolidation
-    of the shards, bit for bit."""
+@pytest.mark.parametrize("run", ["zero3", pytest.param("zero3_bf16", marks=needs_bf16)])
+def test_export_from_zero3_shards_without_a_launcher(runs, tmp_path, run):
+    """`engine export` on a 2-rank ZeRO-3 checkpoint (fp32, and bf16: DeepSpeed's bf16_-named shards), in one
+    process: the model, loaded with transformers, equals DeepSpeed's own consolidation of the shards (the fp32
+    masters), bit for bit; so does the run's own end-of-run export of its last checkpoint (the same path)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM
 
-    src = ckpt(runs["zero3"], 6)
+    src = ckpt(runs[run], 6)
     rc, out, err = run_main(["export", src, "--out", tmp_path / "x"])
     assert rc == 0, err
     assert f"exported model from {src}" in out
@@ -226,7 +291,10 @@ def test_export_from_zero3_shards_without_a_launcher(runs, tmp_path):
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(src), tag="deepspeed")
     for k, v in consolidated.items():
         assert torch.equal(exported[k], v.contiguous()), k
-    rc, _, err = run_main(["export", runs["zero3"]])  # the run folder: its newest checkpoint, but it holds an export
+    at_end = AutoModelForCausalLM.from_pretrained(runs[run] / "model").state_dict()
+    last = get_fp32_state_dict_from_zero_checkpoint(str(ckpt(runs[run], TOTAL)), tag="deepspeed")
+    assert all(torch.equal(at_end[k], v.contiguous()) for k, v in last.items())
+    rc, _, err = run_main(["export", runs[run]])  # the run folder: its newest checkpoint, but it holds an export
     assert rc != 0 and "already holds an export: pass --out DIR" in err and "Traceback" not in err
 
 
