@@ -18,6 +18,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as the CLI sets it: no "Loading weights" bars on stderr
 
+from engine.devices import cpu_has_native_bf16  # noqa: E402
+
+# The precisions users train in, tested where this machine runs them. bf16 where the CPU computes it natively
+# (avx512-bf16 / AMX; probed, never assumed): elsewhere it is emulated, slowly, and `memory.precision: auto` is fp32
+# there. fp16 on the torch backend everywhere (CPU autocast + GradScaler / the in-backward DynamicLossScale).
+NATIVE_BF16 = cpu_has_native_bf16()
+needs_native_bf16 = pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16 (avx512-bf16 / AMX): "
+                                                               "bf16 would be emulated, and auto trains in fp32 here")
+
+
+def precisions(*names: str) -> list:
+    """pytest params for `names`, bf16 skipped (with the reason) where the CPU has no native bf16."""
+    return [pytest.param(n, marks=needs_native_bf16, id=n) if n == "bf16" else pytest.param(n, id=n) for n in names]
+
 WORDS = ("the cat dog bird sat ran flew on under over a red blue green mat tree house and then slept ate "
          "because it was warm cold day night in garden park").split()
 
@@ -129,6 +143,14 @@ def run_main(args: list) -> tuple[int, str, str]:
         except SystemExit as e:  # argparse: usage errors and --help
             rc = e.code
     return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def two_ranks(corpus, tmp_path_factory):
+    """Every 2-rank run of the suite, trained in one launcher start (tests/two_ranks.py)."""
+    from two_ranks import train_chain
+
+    return train_chain(corpus, tmp_path_factory.mktemp("two_ranks"))
 
 
 @pytest.fixture(scope="session")

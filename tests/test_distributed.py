@@ -1,5 +1,6 @@
 """2-rank runs through the real `deepspeed` launcher (gloo on CPU) against the single process."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,18 +10,6 @@ import torch
 from conftest import ROOT, flat_overrides, run_cli, run_inprocess, tiny_overrides, train_losses
 
 pytestmark = pytest.mark.slow
-
-def launch(overrides: dict, port: int, hostfile: Path | None = None, script: Path | None = None,
-           env_extra: dict | None = None):
-    # A one-host hostfile takes the launcher's hostfile path without ssh (no second node here).
-    where = (["--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1"] if hostfile
-             else ["--num_gpus", "2"])
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(port),
-                str(script or ROOT / "launch" / "train.py")]
-    r = run_cli(flat_overrides(overrides), launcher=launcher, timeout=900, env_extra=env_extra)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
 
 @pytest.fixture(scope="module")
 def single(corpus, tmp_path_factory):
@@ -60,70 +49,34 @@ def check_zero_run(out: Path, overrides: dict, stage: int) -> None:
         assert tracked["gradients_mib"] * 2**20 >= 5e7 * 4  # the reduce bucket dominates a tiny model's peak
 
 
-def test_two_rank_zero1_matches_single_process(corpus, tmp_path, single):
-    """Same global batch, fp32, dropout 0: 2-rank ZeRO-1 losses equal the single process within 1e-4; its export,
-    tracked memory and simulation as `check_zero_run` says. (ZeRO-2 and ZeRO-3 against one process:
-    tests/test_layout_change.py.)"""
-    out = tmp_path / "run"
-    overrides = tiny_overrides(corpus, out, memory={"zero_stage": 1}, train={"micro_batch_size": 2},
-                               logging={"track_memory": True})
-    launch(overrides, 29610)
-    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(single), rtol=0, atol=1e-4)
-    check_zero_run(out, overrides, 1)
-
-
-def test_two_rank_zero2_resume_is_bitwise_equal(corpus, tmp_path):
-    """2-rank ZeRO-2 with dropout (per-rank RNG): stopped after step 3 and resumed, steps 4-6 and the final fp32
-    weights equal the uninterrupted run's bit for bit."""
-    import shutil
-
+def test_two_rank_zero2_resume_is_bitwise_equal(two_ranks):
+    """2-rank ZeRO-2 with dropout (per-rank RNG), stopped after step 3 and resumed (the shared chain,
+    tests/two_ranks.py): steps 4-6 and the final fp32 weights equal the uninterrupted run's bit for bit."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    extra = dict(memory={"zero_stage": 2}, model={"dropout": 0.1}, train={"micro_batch_size": 2, "max_steps": 6},
-                 checkpoint={"every_n_steps": 3, "keep_last": 5})
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    launch(tiny_overrides(corpus, full, **extra), 29613)
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-0000006")
-    shutil.rmtree(cut / "model")
-    extra["checkpoint"]["resume"] = True
-    launch(tiny_overrides(corpus, cut, **extra), 29614)
-    assert train_losses(cut) == train_losses(full)
+    full, resumed = two_ranks["zero2_drop"], two_ranks["zero2_drop_resumed"]
+    assert train_losses(resumed) == train_losses(full)[3:] and len(train_losses(resumed)) == 3
     a, b = (get_fp32_state_dict_from_zero_checkpoint(str(d / "checkpoints" / "step-0000006"), tag="deepspeed")
-            for d in (full, cut))
+            for d in (full, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_rank_zero3_offload_checkpointing_lora_end_to_end(corpus, tmp_path):
-    """The full combination through the launcher (ranks from a hostfile): trains, checkpoints, exports adapter +
-    merged model."""
+def test_two_rank_zero3_offload_checkpointing_lora_end_to_end(two_ranks):
+    """The full combination through the launcher (ranks from a hostfile: the shared chain, tests/two_ranks.py):
+    trains, checkpoints, exports adapter + merged model, prints a sample."""
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "run"
-    cfg = tiny_overrides(
-        corpus, out,
-        memory={"zero_stage": 3, "offload_optimizer": True, "offload_params": True, "activation_checkpointing": True,
-                "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}},
-        optim={"name": "cpu_adam", "lr": 1e-2},
-        train={"micro_batch_size": 2, "max_steps": 4},
-        checkpoint={"every_n_steps": 2},
-        sample={"max_new_tokens": 5},
-    )
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("# the format of launch/hostfile.example, one local host\nlocalhost slots=2\n")
-    r = launch(cfg, 29613, hostfile)
+    out = two_ranks["zero3_offload_lora"]
     losses = train_losses(out)
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert (out / "adapter" / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.n_layer == 2
-    assert "sample (" in r.stdout
+    assert json.loads((out / "summary.json").read_text())["sample"]
     assert len(list((out / "checkpoints").iterdir())) == 2
 
     # `engine generate` from this ZeRO-3 run: its merged export, and its adapter on the random-init base rebuilt
     # from the run's config.yaml (same seed, same weights) give the same seeded text and the same logits.
-    import json
-
     from conftest import run_main
     from engine.artifacts import load_trained
 
@@ -144,8 +97,6 @@ def test_two_ranks_under_torchrun_match_single_process_and_only_rank0_writes(cor
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE and no --local_rank argument: the same entry point picks them up
     (the losses equal one process only if the two ranks took different halves of each batch), and rank 0 alone
     writes metrics, TensorBoard events and the plots."""
-    import json
-
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"

@@ -1,17 +1,16 @@
 """Resuming on another layout: world size, ZeRO stage, precision-specific DeepSpeed layouts and backend change
 between runs, the optimizer state comes along bit for bit, and the losses continue those of a run that never changed
 layout (dropout 0, the same global batch of 4 sequences: one process with micro-batch 4, or 2 ranks with
-micro-batch 2). Run in fp32 and, where this CPU computes bf16 natively (probed: `cpu_has_native_bf16`), in bf16.
-fp16 is not in the chain: DeepSpeed's CPU accelerator refuses it on CPUs without fp16 kernels (`precision_problem`),
-and the torch backend's fp16 path has its own resume test (tests/test_resilience.py, GradScaler state).
+micro-batch 2). Run in fp32 and, where this CPU computes bf16 natively (`conftest.NATIVE_BF16`), in bf16. fp16 is
+not in the chain: DeepSpeed's CPU accelerator refuses it on CPUs without fp16 kernels (`precision_problem`), and the
+torch backend's fp16 resume is tests/test_resilience.py's.
 
-The chain: single-process references of 16 steps (fp32, bf16) in this process; then ONE launcher start
-(tests/helpers/train_many.py) trains every 2-rank run one after another: fp32 ZeRO-3 from scratch (the 2-rank run that
-never changes layout), ZeRO-2 for 3 steps, ZeRO-3 resumed from the reference at step 3, ZeRO-1 and ZeRO-0 resumed
-from the ZeRO-3 run at step 6; and in bf16: ZeRO-3 from scratch, ZeRO-2 and ZeRO-0 for 3 steps, ZeRO-1 resumed from
-the bf16 ZeRO-3 run at step 6. One-process continuations and bitwise state checks load those checkpoints in this
-process (DeepSpeed targets on one rank) and read the state back (DeepSpeed's `safe_get_full_*`). The fp32 2-rank
-runs also stand in for tests/test_distributed.py's ZeRO-2/3 checks against DeepSpeed and the simulator."""
+The 2-rank runs are the suite's shared chain (tests/two_ranks.py, one launcher start): fp32 ZeRO-3 from scratch
+(the 2-rank run that never changes layout), ZeRO-2 for 3 steps, ZeRO-3 resumed from the one-process reference at
+step 3, ZeRO-1 and ZeRO-0 resumed from the ZeRO-3 run at step 6; in bf16: ZeRO-3 from scratch, ZeRO-2 and ZeRO-0
+for 3 steps, ZeRO-1 resumed from the bf16 ZeRO-3 run at step 6. One-process continuations and bitwise state checks
+load those checkpoints in this process (DeepSpeed targets on one rank) and read the state back (DeepSpeed's
+`safe_get_full_*`)."""
 
 import json
 import math
@@ -22,28 +21,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, flat_overrides, run_inprocess, run_main, tiny_overrides, train_losses
+from conftest import needs_native_bf16, precisions, run_inprocess, run_main, tiny_overrides, train_losses
 from engine.backends.deepspeed_backend import load_deepspeed_file
 from engine.config import validate_dict
-from engine.devices import cpu_has_native_bf16
 from engine.distributed import dist_env
 from engine.errors import EngineError
 from engine.resume import checkpoint_layout
 from engine.train import TrainingRecipe
-from test_distributed import check_zero_run, launch
+from test_distributed import check_zero_run
+from two_ranks import TOTAL, ckpt, layout
 
 pytestmark = pytest.mark.slow
 
-TOTAL = 16
 TOL = 1e-5
 # bf16 autocast: one process with micro-batch 4 and 2 ranks with micro-batch 2 round differently (other matmul shapes,
 # another reduction order). Measured (2-core AMD EPYC, avx512-bf16): the 2-rank bf16 run itself differs from the
 # one-process run by up to 3.0e-4 in its first 3 steps, and its one-process continuations by up to 2.8e-4 over 10
 # steps; a 2-rank continuation of a 2-rank run (ZeRO-3 -> ZeRO-1) is exact (0.0).
 BF16_TOL = 1e-3
-BF16 = cpu_has_native_bf16()
-needs_bf16 = pytest.mark.skipif(not BF16, reason="this CPU has no native bf16 (avx512-bf16 / AMX): bf16 runs would be "
-                                                 "emulated, slowly, and users do not train in bf16 on it")
+needs_bf16 = needs_native_bf16
 
 
 def read_portable(ckpt: Path, with_states: bool = True):
@@ -51,50 +47,9 @@ def read_portable(ckpt: Path, with_states: bool = True):
     return checkpoint_layout(ckpt).to_portable(ckpt, with_states)
 
 
-def layout(stage: int = 0, ranks: int = 1, in_backward: bool = False, precision: str = "fp32", **extra) -> dict:
-    """Overrides for one layout of the same run: no clipping (in-backward has none), checkpoints every 3, a constant
-    lr after warmup (so runs that stop at different steps share the schedule)."""
-    return {"memory": {"zero_stage": stage, "optimizer_in_backward": in_backward, "precision": precision},
-            "schedule": {"decay": "constant"},
-            "train": {"micro_batch_size": 4 // ranks, "max_steps": TOTAL, **extra.pop("train", {})},
-            "optim": {"grad_clip": None}, "checkpoint": {"every_n_steps": 3, "keep_last": 10, **extra.pop("checkpoint", {})},
-            **extra}
-
-
-def ckpt(out: Path, step: int) -> Path:
-    return out / "checkpoints" / f"step-{step:07d}"
-
-
 @pytest.fixture(scope="module")
-def runs(corpus, tmp_path_factory) -> dict[str, Path]:
-    """The runs that never change layout (one process, and 2-rank ZeRO-3: ranks sum gradients in another order, which
-    drifts by ~1e-5 in 10 steps, so a 2-rank continuation is held to a 2-rank reference) and the changed ones."""
-    root = tmp_path_factory.mktemp("layouts")
-    names = ["ref", "zero3", "zero2", "to_zero3", "to_zero1", "to_zero0"]
-    names += ["ref_bf16", "zero3_bf16", "zero2_bf16", "zero0_bf16", "to_zero1_bf16"] if BF16 else []
-    out = {name: root / name for name in names}
-    run_inprocess(corpus, out["ref"], **layout())
-    tracked = {"logging": {"track_memory": True}}  # checked against DeepSpeed and the simulator: test_zero_runs...
-    chain = [
-        ("zero3", layout(3, 2, **tracked)),
-        ("zero2", layout(2, 2, train={"max_steps": 3}, **tracked)),
-        ("to_zero3", layout(3, 2, train={"max_steps": 13}, checkpoint={"resume": str(ckpt(out["ref"], 3))})),
-        ("to_zero1", layout(1, 2, checkpoint={"resume": str(ckpt(out["zero3"], 6))})),
-        ("to_zero0", layout(0, 2, checkpoint={"resume": str(ckpt(out["zero3"], 6))})),
-    ]
-    if BF16:
-        run_inprocess(corpus, out["ref_bf16"], **layout(precision="bf16"))
-        chain += [
-            ("zero3_bf16", layout(3, 2, precision="bf16")),
-            ("zero2_bf16", layout(2, 2, precision="bf16", train={"max_steps": 3})),
-            ("zero0_bf16", layout(0, 2, precision="bf16", train={"max_steps": 3})),
-            ("to_zero1_bf16", layout(1, 2, precision="bf16",
-                                     checkpoint={"resume": str(ckpt(out["zero3_bf16"], 6))})),
-        ]
-    runs_file = root / "runs.json"
-    runs_file.write_text(json.dumps([flat_overrides(tiny_overrides(corpus, out[name], **lay)) for name, lay in chain]))
-    launch({}, 29631, script=ROOT / "tests" / "helpers" / "train_many.py", env_extra={"RUNS": str(runs_file)})
-    return out
+def runs(two_ranks):
+    return two_ranks
 
 
 def assert_follows(losses: list[float], ref: list[float], first_step: int, atol: float = TOL) -> None:
@@ -103,7 +58,7 @@ def assert_follows(losses: list[float], ref: list[float], first_step: int, atol:
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_bf16)])
+@pytest.mark.parametrize("precision", precisions("fp32", "bf16"))
 def test_two_ranks_zero2_continue_on_one_process_and_in_backward(corpus, tmp_path, runs, precision):
     """fp32 within 1e-5 of the one-process run; bf16 (the DeepSpeed shards DeepSpeed names `bf16_zero_pp_rank_*`)
     within BF16_TOL."""
@@ -117,14 +72,12 @@ def test_two_ranks_zero2_continue_on_one_process_and_in_backward(corpus, tmp_pat
         assert_follows(train_losses(out), ref, 4, atol)
 
 
-@pytest.mark.parametrize("name, stage", [("zero3", 3), ("zero2", 2)])
+@pytest.mark.parametrize("name, stage", [("zero3", 3), ("zero2", 2), ("zero1", 1)])
 def test_zero_runs_match_one_process_deepspeed_and_the_simulator(corpus, runs, name, stage):
     """The two runs that started on 2 ranks: losses within 1e-4 of one process (the reduction order differs), and
     export, tracked memory and simulated peak as tests/test_distributed.py `check_zero_run` says."""
     assert_follows(train_losses(runs[name]), train_losses(runs["ref"]), 1, atol=1e-4)
-    steps = 3 if name == "zero2" else TOTAL
-    check_zero_run(runs[name], tiny_overrides(corpus, runs[name], **layout(stage, 2, train={"max_steps": steps},
-                                                                       logging={"track_memory": True})), stage)
+    check_zero_run(runs[name], runs.configs[name], stage)
 
 
 def test_one_process_continues_on_two_ranks_zero3_and_zero3_on_zero1_and_zero0(runs):
@@ -250,19 +203,15 @@ def test_another_optimizer_needs_allow_layout_change_and_starts_fresh(corpus, tm
     assert len(losses) == 2 and summary["steps"] == 5
 
 
-@pytest.mark.parametrize("stage, port", [(0, 29641), (2, 29642)])
-def test_a_bad_gradient_on_one_rank_is_skipped_by_every_rank(corpus, tmp_path, stage, port):
-    """Rank 1 alone gets a NaN gradient at step 3 (tests/helpers/train_with_bad_gradient.py): every rank skips that
-    step (DeepSpeed's own non-finite check under ZeRO, the engine's under ZeRO-0, where gradients are all-reduced
-    before the check), the weights stay finite and the run goes on; each rank's optimizer took 5 steps of 6."""
-    out = tmp_path / "run"
-    lay = layout(stage, 2, train={"max_steps": 6})
-    lay["checkpoint"] = {"every_n_steps": 0}
-    r = launch(tiny_overrides(corpus, out, **lay), port, script=ROOT / "tests" / "helpers" / "train_with_bad_gradient.py",
-               env_extra={"BAD_RANK": "1", "BAD_CALL": "3", "BAD_KIND": "nan"})
+@pytest.mark.parametrize("run", ["nan_zero0", "nan_zero2"])
+def test_a_bad_gradient_on_one_rank_is_skipped_by_every_rank(runs, run):
+    """Rank 1 alone gets a NaN gradient at step 3 (tests/helpers/bad_gradient.py): every rank skips that step
+    (DeepSpeed's own non-finite check under ZeRO, the engine's under ZeRO-0, where gradients are all-reduced before
+    the check), the weights stay finite and the run goes on; each rank's optimizer took 5 steps of 6."""
+    out = runs[run]
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [rec for rec in recs if "loss" in rec]
-    assert [rec["skipped"] for rec in steps] == [False, False, True, False, False, False], r.stdout[-2000:]
+    assert [rec["skipped"] for rec in steps] == [False, False, True, False, False, False]
     assert all(math.isfinite(rec["loss"]) for rec in steps)
     shards = sorted((ckpt(out, 6) / "deepspeed").glob("*optim_states.pt")) or [ckpt(out, 6) / "deepspeed" /
                                                                              "mp_rank_00_model_states.pt"]

@@ -1,0 +1,110 @@
+"""Every 2-rank run of the test suite, trained in ONE launcher start (tests/helpers/train_many.py, ranks from a
+one-host hostfile, which also covers the launcher's hostfile path): launcher and interpreter start-up is paid once,
+not per test. The `two_ranks` fixture (conftest.py) trains them once per session; tests/test_layout_change.py and
+tests/test_distributed.py read them.
+
+Two single-process references of 16 steps (fp32 and, where the CPU computes bf16 natively, bf16) are trained in the
+test process first; some 2-rank runs resume from them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from conftest import NATIVE_BF16, ROOT, flat_overrides, run_cli, run_inprocess, tiny_overrides
+
+TOTAL = 16
+
+
+def launch(overrides: dict, port: int, hostfile: Path | None = None, script: Path | None = None,
+           env_extra: dict | None = None):
+    # A one-host hostfile takes the launcher's hostfile path without ssh (no second node here).
+    where = (["--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1"] if hostfile
+             else ["--num_gpus", "2"])
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(port),
+                str(script or ROOT / "launch" / "train.py")]
+    r = run_cli(flat_overrides(overrides), launcher=launcher, timeout=900, env_extra=env_extra)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def layout(stage: int = 0, ranks: int = 1, in_backward: bool = False, precision: str = "fp32", **extra) -> dict:
+    """Overrides for one layout of the same run: no clipping (in-backward has none), checkpoints every 3, a constant
+    lr after warmup (so runs that stop at different steps share the schedule), 16 steps."""
+    return {"memory": {"zero_stage": stage, "optimizer_in_backward": in_backward, "precision": precision},
+            "schedule": {"decay": "constant"},
+            "train": {"micro_batch_size": 4 // ranks, "max_steps": TOTAL, **extra.pop("train", {})},
+            "optim": {"grad_clip": None}, "checkpoint": {"every_n_steps": 3, "keep_last": 10, **extra.pop("checkpoint", {})},
+            **extra}
+
+
+def ckpt(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:07d}"
+
+
+TRACKED = {"logging": {"track_memory": True}}  # checked against DeepSpeed and the simulator (check_zero_run)
+NAN_AT_STEP_3_ON_RANK_1 = {"rank": 1, "call": 3, "kind": "nan"}
+
+
+@dataclass
+class Runs:
+    root: Path
+    configs: dict[str, dict]  # run name -> its overrides (tiny_overrides form)
+
+    def __getitem__(self, name: str) -> Path:
+        return self.root / name
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.configs
+
+
+def chain(root: Path) -> list[tuple[str, dict, dict | None]]:
+    """(name, layout overrides, bad gradient) of each 2-rank run, in the order they train (a resumed run after
+    its source)."""
+    runs = [
+        ("zero3", layout(3, 2, **TRACKED), None),  # the 2-rank run that never changes layout
+        ("zero2", layout(2, 2, train={"max_steps": 3}, **TRACKED), None),
+        ("to_zero3", layout(3, 2, train={"max_steps": 13}, checkpoint={"resume": str(ckpt(root / "ref", 3))}), None),
+        ("to_zero1", layout(1, 2, checkpoint={"resume": str(ckpt(root / "zero3", 6))}), None),
+        ("to_zero0", layout(0, 2, checkpoint={"resume": str(ckpt(root / "zero3", 6))}), None),
+        ("zero1", layout(1, 2, train={"max_steps": 6}, **TRACKED), None),
+        # dropout on (each rank's RNG): stopped after step 3 and resumed, it must continue bit for bit
+        ("zero2_drop", layout(2, 2, model={"dropout": 0.1}, train={"max_steps": 6}), None),
+        ("zero2_drop_resumed", layout(2, 2, model={"dropout": 0.1}, train={"max_steps": 6},
+                                      checkpoint={"resume": str(ckpt(root / "zero2_drop", 3))}), None),
+        ("nan_zero0", layout(0, 2, train={"max_steps": 6}, checkpoint={"every_n_steps": 0}), NAN_AT_STEP_3_ON_RANK_1),
+        ("nan_zero2", layout(2, 2, train={"max_steps": 6}, checkpoint={"every_n_steps": 0}), NAN_AT_STEP_3_ON_RANK_1),
+        # the full combination: ZeRO-3, optimizer and parameter offload, checkpointing, LoRA, the sample
+        ("zero3_offload_lora", {
+            "memory": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True,
+                       "activation_checkpointing": True, "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}},
+            "optim": {"name": "cpu_adam", "lr": 1e-2}, "train": {"micro_batch_size": 2, "max_steps": 4},
+            "checkpoint": {"every_n_steps": 2}, "sample": {"max_new_tokens": 5}}, None),
+    ]
+    if NATIVE_BF16:
+        runs += [
+            ("zero3_bf16", layout(3, 2, precision="bf16"), None),
+            ("zero2_bf16", layout(2, 2, precision="bf16", train={"max_steps": 3}), None),
+            ("zero0_bf16", layout(0, 2, precision="bf16", train={"max_steps": 3}), None),
+            ("to_zero1_bf16", layout(1, 2, precision="bf16", checkpoint={"resume": str(ckpt(root / "zero3_bf16", 6))}),
+             None),
+        ]
+    return runs
+
+
+def train_chain(corpus: dict, root: Path) -> Runs:
+    run_inprocess(corpus, root / "ref", **layout())
+    if NATIVE_BF16:
+        run_inprocess(corpus, root / "ref_bf16", **layout(precision="bf16"))
+    runs = chain(root)
+    configs = {name: tiny_overrides(corpus, root / name, **lay) for name, lay, _ in runs}
+    spec = [{"overrides": flat_overrides(configs[name]), **({"bad_gradient": bad} if bad else {})}
+            for name, _, bad in runs]
+    (root / "runs.json").write_text(json.dumps(spec))
+    hostfile = root / "hostfile"
+    hostfile.write_text("# the format of launch/hostfile.example, one local host\nlocalhost slots=2\n")
+    launch({}, 29631, hostfile, script=ROOT / "tests" / "helpers" / "train_many.py",
+           env_extra={"RUNS": str(root / "runs.json")})
+    return Runs(root, {"ref": tiny_overrides(corpus, root / "ref", **layout()), **configs})
