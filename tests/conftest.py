@@ -28,9 +28,12 @@ needs_native_bf16 = pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no 
                                                                "bf16 would be emulated, and auto trains in fp32 here")
 
 
-def precisions(*names: str) -> list:
-    """pytest params for `names`, bf16 skipped (with the reason) where the CPU has no native bf16."""
-    return [pytest.param(n, marks=needs_native_bf16, id=n) if n == "bf16" else pytest.param(n, id=n) for n in names]
+def precisions(*names: str, before: tuple = ()) -> list:
+    """pytest params for `names` (each preceded by the values `before`, for several argnames), bf16 skipped (with
+    the reason) where the CPU has no native bf16."""
+    ids = "-".join(str(v) for v in before)
+    return [pytest.param(*before, n, marks=needs_native_bf16 if n == "bf16" else (), id=f"{ids}-{n}" if ids else n)
+            for n in names]
 
 WORDS = ("the cat dog bird sat ran flew on under over a red blue green mat tree house and then slept ate "
          "because it was warm cold day night in garden park").split()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_resumes_exactly, run_inprocess, tiny_overrides
+from conftest import assert_resumes_exactly, precisions, run_inprocess, tiny_overrides
 from engine.config import validate_dict
 from engine.errors import ConfigError
 from engine.model import build_model, merged_copy
@@ -17,12 +17,15 @@ WIDE = {"n_embd": 64}
 QLORA = {"lora": {"enabled": True, "quantize_base": "nf4"}}
 
 
-def test_qlora_trains_like_lora(corpus, tmp_path):
-    """30 steps at lr 1e-3: final loss within 1% of LoRA over the unquantized base (NF4 rounding of the frozen
-    weights is the only difference; measured on this CPU: LoRA 10.6050, QLoRA 10.6051)."""
-    _, lora = run_inprocess(corpus, tmp_path / "lora", model=WIDE, memory={"lora": {"enabled": True}},
-                            train={"max_steps": 30})
-    _, qlora = run_inprocess(corpus, tmp_path / "qlora", model=WIDE, memory=QLORA, train={"max_steps": 30})
+@pytest.mark.parametrize("precision", precisions("fp32", "bf16"))
+def test_qlora_trains_like_lora(corpus, tmp_path, precision):
+    """30 steps at lr 1e-3: final loss within 1% of LoRA over the unquantized base in the same precision (NF4
+    rounding of the frozen weights is the only difference; measured on this CPU, fp32: LoRA 10.6050, QLoRA
+    10.6051). bf16: the base built in bf16 and quantized from it, the adapters in fp32, the compute in bf16."""
+    _, lora = run_inprocess(corpus, tmp_path / "lora", model=WIDE,
+                            memory={"lora": {"enabled": True}, "precision": precision}, train={"max_steps": 30})
+    _, qlora = run_inprocess(corpus, tmp_path / "qlora", model=WIDE, memory={**QLORA, "precision": precision},
+                             train={"max_steps": 30})
     assert qlora[-1] == pytest.approx(lora[-1], rel=0.01), (qlora[-5:], lora[-5:])
     assert lora[0] - qlora[-1] >= 0.9 * (lora[0] - lora[-1])
     from transformers import AutoModelForCausalLM
@@ -69,8 +72,9 @@ def test_merged_export_equals_the_quantized_model_with_its_adapter(corpus, tmp_p
         assert not torch.allclose(model(input_ids=x).logits, trained, atol=1e-3)  # the adapter mattered
 
 
-def test_qlora_resumes_exactly(corpus, tmp_path):
-    assert_resumes_exactly(corpus, tmp_path, model=WIDE, memory=QLORA)
+@pytest.mark.parametrize("precision", precisions("fp32", "bf16"))
+def test_qlora_resumes_exactly(corpus, tmp_path, precision):
+    assert_resumes_exactly(corpus, tmp_path, model=WIDE, memory={**QLORA, "precision": precision})
 
 
 @pytest.mark.parametrize("memory,message", [

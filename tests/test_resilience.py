@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, flat_overrides, tiny_overrides, train_losses, write_corpus
+from conftest import ROOT, assert_resumes_exactly, flat_overrides, precisions, tiny_overrides, train_losses, write_corpus
 
 
 def records(out: Path) -> dict[int, dict]:
@@ -81,6 +81,16 @@ def test_resume_is_bitwise_equal_to_the_uninterrupted_run(short_epochs, uninterr
     assert got == ref  # losses, learning rates and epochs: the same floats
     a, b = weights(uninterrupted / "checkpoints" / "step-0000012"), weights(cut / "checkpoints" / "step-0000012")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("in_backward, precision", [*precisions("bf16", "fp16", before=(False,)),
+                                                    *precisions("bf16", "fp16", before=(True,))])
+def test_16bit_runs_resume_exactly(corpus, tmp_path, in_backward, precision):
+    """The precisions users train in: a checkpoint holds what the next step depends on (fp16: GradScaler's scale and
+    growth count, or the in-backward step's DynamicLossScale; the schedule of both steps), so a run stopped at step
+    4 and resumed logs the same losses, learning rates and epochs, bit for bit."""
+    assert_resumes_exactly(corpus, tmp_path, memory={"precision": precision, "optimizer_in_backward": in_backward},
+                           optim={"grad_clip": None})
 
 
 KILL_IN_SAVE = """
