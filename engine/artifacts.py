@@ -26,6 +26,7 @@ from engine.errors import EngineError, ModelLoadError
 from engine.model import build_model, from_pretrained, is_local_path, load_base_model, resize_vocab
 from engine.portable import check_names
 from engine.resume import checkpoint_layout
+from engine.run_dir import ADAPTER_DIR, CONFIG, MODEL_DIR, is_run_dir
 from engine.tokenizer import tokenizer_of
 
 TASK_OF_ARCH = {"ForSequenceClassification": "classification", "LMHeadModel": "causal_lm", "ForCausalLM": "causal_lm"}
@@ -47,23 +48,19 @@ class Trained:
         return int(getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None) or 1024)
 
 
-def _is_run_dir(p: Path) -> bool:
-    return (p / "run.json").is_file() and (p / "config.yaml").is_file()
-
-
 def locate(path: str) -> tuple[str, str, Path | None]:
     """(folder or hub id, kind 'model' | 'adapter' | 'hub', run folder or None)."""
     p = Path(path)
     if p.is_dir():
         if (p / "adapter_config.json").is_file():
-            return str(p), "adapter", p.parent if _is_run_dir(p.parent) else None
+            return str(p), "adapter", p.parent if is_run_dir(p.parent) else None
         if (p / "config.json").is_file():
-            return str(p), "model", p.parent if _is_run_dir(p.parent) else None
-        if _is_run_dir(p):
-            if (p / "model" / "config.json").is_file():
-                return str(p / "model"), "model", p
-            if (p / "adapter" / "adapter_config.json").is_file():
-                return str(p / "adapter"), "adapter", p
+            return str(p), "model", p.parent if is_run_dir(p.parent) else None
+        if is_run_dir(p):
+            if (p / MODEL_DIR / "config.json").is_file():
+                return str(p / MODEL_DIR), "model", p
+            if (p / ADAPTER_DIR / "adapter_config.json").is_file():
+                return str(p / ADAPTER_DIR), "adapter", p
             raise EngineError(f"{p} is a run folder without an exported model (model/ or adapter/): did the run finish?")
         raise EngineError(f"{p} is not a trained output: expected a run folder, an exported model folder (config.json) "
                           "or a LoRA adapter folder (adapter_config.json)")
@@ -77,7 +74,7 @@ def locate(path: str) -> tuple[str, str, Path | None]:
 def _run_config(run_dir: Path | None):
     if run_dir is None:
         return None
-    return load_config([run_dir / "config.yaml"])
+    return load_config([run_dir / CONFIG])
 
 
 def run_config_of(path: str):
@@ -177,7 +174,7 @@ def checkpoint_of(path: str) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise EngineError(f"checkpoint not found: {p}")
-    if _is_run_dir(p):
+    if is_run_dir(p):
         ckpt = newest_complete(p, warn=print)
         if ckpt is None:
             raise EngineError(f"{p} holds no complete checkpoint")
@@ -198,12 +195,12 @@ def export_checkpoint(path: str | Path, out: str | Path | None = None, merge_lor
     folder unless it already holds an export (`replace`: the end of a run overwrites its own), or into `out`."""
     ckpt = checkpoint_of(str(path))
     run_dir = ckpt.parent.parent
-    if config is None and not (run_dir / "config.yaml").is_file():
-        raise EngineError(f"{ckpt}: its run folder {run_dir} has no config.yaml to rebuild the model from")
+    if config is None and not (run_dir / CONFIG).is_file():
+        raise EngineError(f"{ckpt}: its run folder {run_dir} has no {CONFIG} to rebuild the model from")
     dest = Path(out) if out else run_dir
-    if out is None and not replace and any((dest / d).exists() for d in ("model", "adapter")):
+    if out is None and not replace and any((dest / d).exists() for d in (MODEL_DIR, ADAPTER_DIR)):
         raise EngineError(f"{dest} already holds an export: pass --out DIR to write this one elsewhere")
-    cfg = config if config is not None else load_config([run_dir / "config.yaml"])
+    cfg = config if config is not None else load_config([run_dir / CONFIG])
     tok = tokenizer_of(str(tokenizer_dir(ckpt)))
     model = build_model(cfg, vocab_size=len(tok), training=False, special_ids={
         "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})

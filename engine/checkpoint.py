@@ -15,6 +15,7 @@ import torch
 
 from engine.errors import EngineError
 from engine.model import merged_copy, unwrap
+from engine.run_dir import ADAPTER_DIR, CHECKPOINTS_DIR, MODEL_DIR
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -28,7 +29,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return Path(output_dir) / CHECKPOINTS_DIR
 
 
 def rng_state() -> dict:
@@ -213,7 +214,7 @@ def export_model(model, tokenizer, out_dir: Path, merge_lora: bool = True) -> di
     written: dict[str, Path] = {}
     is_peft = hasattr(model, "peft_config")
     if is_peft:
-        adapter_dir = out_dir / "adapter"
+        adapter_dir = out_dir / ADAPTER_DIR
         model.save_pretrained(str(adapter_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(adapter_dir))
         if getattr(model.peft_config["default"], "task_type", None) == "SEQ_CLS":
@@ -223,7 +224,7 @@ def export_model(model, tokenizer, out_dir: Path, merge_lora: bool = True) -> di
             return written
         # Merge into a CPU copy so the training model (and its adapters) is left as it was.
         model = merged_copy(model)
-    model_dir = out_dir / "model"
+    model_dir = out_dir / MODEL_DIR
     base = unwrap(model, through_peft=True)
     use_cache = base.config.use_cache
     base.config.use_cache = True  # turned off for training only

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import EngineError
-
-PLOTS_DIR = "plots"
-TENSORBOARD_DIR = "tensorboard"
+from engine.run_dir import METRICS, PLOTS_DIR, TENSORBOARD_DIR
 PLOT_FILES = ("loss.png", "lr.png", "tokens_per_s.png", "memory.png", "overview.png")
 
 # metrics.jsonl key -> TensorBoard tag (the tag names the unit where there is one)
@@ -100,7 +98,7 @@ def read_run(run_dir: str | Path, name: str | None = None) -> RunMetrics:
     p = Path(run_dir)
     if not p.is_dir():
         raise EngineError(f"{p}: no such run folder")
-    path = p / "metrics.jsonl"
+    path = p / METRICS
     if not path.is_file():
         raise EngineError(f"{p}: no metrics.jsonl here (not a run folder, or the run has not finished a step yet)")
     run = RunMetrics(name=name or p.resolve().name, path=p)

@@ -9,8 +9,21 @@ from pathlib import Path
 from engine.config import RunConfig
 from engine.errors import EngineError
 
-RUN_MARKER = "run.json"
-METRICS = "metrics.jsonl"
+# Every name in a run folder, here and nowhere else in engine/ (checkpoints' own files: engine.checkpoint and the
+# backends' layouts).
+RUN_MARKER = "run.json"  # marks a run folder: the plan and start time
+CONFIG = "config.yaml"  # the run's resolved config
+METRICS = "metrics.jsonl"  # the one record of a run
+SUMMARY = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"  # the HF export
+ADAPTER_DIR = "adapter"  # a LoRA run's peft adapter
+TENSORBOARD_DIR = "tensorboard"
+PLOTS_DIR = "plots"
+
+
+def is_run_dir(p: Path) -> bool:
+    return (p / RUN_MARKER).is_file() and (p / CONFIG).is_file()
 
 def check_output_dir(cfg: RunConfig, resuming: bool) -> Path:
     """Never silently overwrite another run's results."""
@@ -27,9 +40,9 @@ def check_output_dir(cfg: RunConfig, resuming: bool) -> Path:
 
 def clear_run(out: Path) -> None:
     """logging.overwrite: remove the previous run's results so nothing of it is mixed into this one."""
-    for name in ("checkpoints", "model", "adapter", "tensorboard", "plots"):
+    for name in (CHECKPOINTS_DIR, MODEL_DIR, ADAPTER_DIR, TENSORBOARD_DIR, PLOTS_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in (METRICS, "summary.json", RUN_MARKER):
+    for name in (METRICS, SUMMARY, RUN_MARKER):
         (out / name).unlink(missing_ok=True)
 
 

@@ -38,6 +38,7 @@ from engine.config import RunConfig, config_to_yaml, read_yaml, validate_dict
 from engine.distributed import DistEnv, dist_env
 from engine.errors import ConfigError, EngineError
 from engine.notices import drop_late_console_handler
+from engine.run_dir import CONFIG
 from engine.train import RunPruned, TrainingRecipe, run_training, say
 
 STUDY = "study.db"
@@ -305,7 +306,7 @@ def write_best(study, folder: Path) -> Path | None:
     if not any(t.state.name == "COMPLETE" for t in study.trials):
         return None
     number = study.best_trial.number
-    ran = validate_dict(read_yaml(folder / f"trial-{number:03d}" / "config.yaml"))
+    ran = validate_dict(read_yaml(folder / f"trial-{number:03d}" / CONFIG))
     best = ran.updated({"logging.output_dir": str(folder / "best"), "logging.overwrite": False})
     path = folder / BEST
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in study.best_trial.params.items())

@@ -52,8 +52,11 @@ from engine.preflight import preflight
 from engine.report import open_tensorboard, plot_run
 from engine.resume import ResumePlan, plan_resume, run_layout
 from engine.run_dir import (
+    CONFIG,
     METRICS,
+    PLOTS_DIR,
     RUN_MARKER,
+    SUMMARY,
     check_output_dir,
     clear_run,
     truncate_metrics,
@@ -253,7 +256,7 @@ class TrainingRecipe:
             if (cfg.logging.overwrite or cfg.checkpoint.resume) and self.resume_from is None:
                 clear_run(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(config_to_yaml(cfg))
+            (self.out / CONFIG).write_text(config_to_yaml(cfg))
             (self.out / RUN_MARKER).write_text(json.dumps({"plan": self.plan, "started": time.time()}, indent=2))
         say(env, f"model {cfg.model.name} ({cfg.model.init}): {self.counts['total']:,} params, "
                  f"{self.counts['trainable']:,} trainable | backend {self.backend.name} x{env.world_size} on "
@@ -443,14 +446,14 @@ class TrainingRecipe:
                 text = sample_text(Path(summary["export"]["model"]), cfg.sample, template=template)
                 summary["sample"] = text
                 print(f"\nsample ({cfg.sample.prompt!r}):\n{text}\n", flush=True)
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            (self.out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
         return summary
 
     def draw_plots(self) -> None:
         if not (self.env.is_main and self.cfg.logging.plots):
             return
         try:
-            say(self.env, f"plots: {self.out / 'plots'}/*.png ({len(plot_run(self.out))} files)")
+            say(self.env, f"plots: {self.out / PLOTS_DIR}/*.png ({len(plot_run(self.out))} files)")
         except Exception as e:  # the run itself is saved: a drawing problem must not fail it
             say(self.env, f"plots not written: {e}")
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import WORDS, flat_overrides, run_main
+from engine.backends.torch_backend import TorchLayout
 
 CUES = {"negative": ["awful", "sad", "terrible", "boring"], "neutral": ["ordinary", "average", "normal", "usual"],
         "positive": ["great", "lovely", "happy", "wonderful"]}
@@ -142,7 +143,7 @@ def test_lora_trains_adapters_and_the_whole_head_with_checkpointing_and_8bit_ada
     assert s["val_accuracy"] >= 0.9, s
     lora = 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
     assert s["params"]["trainable"] == lora + 3 * 32  # the score head: 3 labels x 32, no bias
-    saved = load_file(str(sorted((out / "checkpoints").iterdir())[-1] / "trainable.safetensors"))
+    saved = load_file(str(sorted((out / "checkpoints").iterdir())[-1] / TorchLayout.TRAINABLE))
     assert any("score" in k for k in saved) and all("lora_" in k or "score" in k for k in saved)
     assert json.loads((out / "adapter" / "config.json").read_text())["id2label"]["2"] == "positive"
     texts = [t for t, _ in data["rows"][1][:24]]

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from conftest import WORDS, run_inprocess, run_main, write_corpus
+from engine.checkpoint import TRAINER_STATE
 
 NO_FILES = {"train_file": None, "validation_file": None}
 NO_CORPUS = {"train": None, "validation": None}  # tiny_overrides wants file keys; data.dataset replaces them
@@ -195,7 +196,7 @@ def test_a_streamed_run_resumes_exactly(lines, corpus, tmp_path):
     write_parquet(tmp_path / "pq" / "b.parquet", {"text": lines[20:40]})
     data = {**NO_FILES, "dataset": str(tmp_path / "pq" / "*.parquet"), "streaming": True}
     assert_resumes_exactly(NO_CORPUS, tmp_path, data=data)
-    state = json.loads((tmp_path / "full" / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
+    state = json.loads((tmp_path / "full" / "checkpoints" / "step-0000004" / TRAINER_STATE).read_text())
     assert state["data"]["next_step"] == 4 and state["data"]["stream"]  # the IterableDataset's own state_dict()
     epochs = [json.loads(l)["epoch"] for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(l)]

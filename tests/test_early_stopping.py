@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_inprocess, tiny_overrides, write_corpus
+from engine.backends.torch_backend import TorchLayout
+from engine.checkpoint import TRAINER_STATE
 
 
 def test_patience_and_min_delta():
@@ -81,7 +83,7 @@ def test_stops_keeps_best_and_newest_and_exports_best(stopped):
 
     exported = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     for step, same in ((best["step"], True), (len(losses), False)):
-        saved = load_file(str(out / "checkpoints" / f"step-{step:07d}" / "trainable.safetensors"))
+        saved = load_file(str(out / "checkpoints" / f"step-{step:07d}" / TorchLayout.TRAINABLE))
         assert all(torch.equal(exported[k], v) for k, v in saved.items()) == same
 
 
@@ -94,7 +96,7 @@ def test_resume_continues_the_patience_count(diverging, stopped, tmp_path):
     stopped_at, best = len(stopped["losses"]), stopped["best"]["step"]
     shutil.rmtree(cut / "checkpoints" / f"step-{stopped_at:07d}")
     shutil.rmtree(cut / "model")
-    state = json.loads((cut / "checkpoints" / f"step-{best:07d}" / "trainer_state.json").read_text())
+    state = json.loads((cut / "checkpoints" / f"step-{best:07d}" / TRAINER_STATE).read_text())
     assert state["early_stopping"]["best_step"] == best and state["early_stopping"]["stopped_at"] is None
     _, resumed = run_inprocess(diverging, cut, **{**EXTRA, "checkpoint": {**EXTRA["checkpoint"], "resume": True}})
     assert resumed == stopped["losses"]  # same steps, bitwise the same losses

@@ -256,3 +256,23 @@ def test_export_of_a_lora_run_equals_its_own_export(corpus, tmp_path):
     for kind, file in (("adapter", "adapter_model.safetensors"), ("model", "model.safetensors")):
         a, b = load_file(out / kind / file), load_file(tmp_path / "again" / kind / file)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind
+
+
+@pytest.mark.parametrize("run", ["zero1", "zero2", "to_zero0", *[pytest.param(r, marks=needs_bf16) for r in (
+    "zero2_bf16", "zero0_bf16", "to_zero1_bf16")]])
+def test_every_deepspeed_run_exports_its_fp32_masters(runs, run):
+    """The end of every run exports through the one export path: a 2-rank run of each ZeRO stage and precision wrote
+    its final checkpoint's fp32 masters (ZeRO 1-3: as DeepSpeed's own consolidation has them; ZeRO-0: the client
+    optimizer's weights in fp32, DeepSpeed's fp32 copies in bf16), loadable with transformers."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    out = runs[run]
+    last = sorted((out / "checkpoints").iterdir())[-1]
+    exported = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    if runs.configs[run]["memory"]["zero_stage"] > 0:
+        masters = get_fp32_state_dict_from_zero_checkpoint(str(last), tag="deepspeed")
+    else:
+        masters = dict(read_portable(last, with_states=False).weights)
+    assert masters and all(torch.equal(exported[k], v.contiguous()) for k, v in masters.items())
+    assert all(exported[k].dtype == torch.float32 for k in masters)

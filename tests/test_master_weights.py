@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_resumes_exactly, run_inprocess, tiny_overrides
+from engine.backends.torch_backend import TorchLayout
 from engine.config import validate_dict
 from engine.errors import ConfigError
 from engine.optim import stochastic_round_to_bf16
@@ -41,7 +42,7 @@ def test_bf16_master_weights_track_fp32_masters(corpus, tmp_path):
     assert (drop - ref_drop).abs().max() <= 0.1 * ref_drop.max(), (sr[-5:], ref[-5:])
     assert sr[-1] == pytest.approx(ref[-1], rel=0.02)
     ckpt = sorted((tmp_path / "bf16" / "checkpoints").iterdir())[-1]
-    assert {t.dtype for t in load_file(str(ckpt / "trainable.safetensors")).values()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(str(ckpt / TorchLayout.TRAINABLE)).values()} == {torch.bfloat16}
 
 
 def test_bf16_master_weights_resume_exactly(corpus, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_resumes_exactly, run_inprocess, tiny_overrides
+from engine.backends.torch_backend import TorchLayout
 from engine.config import validate_dict
 from engine.errors import ConfigError
 
@@ -22,7 +23,7 @@ def optimizers_of(out):
     import torchao.optim  # noqa: F401  (registers its 4-bit state class as safe for weights_only loading)
 
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
-    return torch.load(ckpt / "optimizer.pt", weights_only=True)["optimizer"]["optimizers"]
+    return torch.load(ckpt / TorchLayout.OPTIMIZER, weights_only=True)["optimizer"]["optimizers"]
 
 
 @pytest.fixture(scope="module")

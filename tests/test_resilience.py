@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, assert_resumes_exactly, flat_overrides, precisions, tiny_overrides, train_losses, write_corpus
+from engine.backends.torch_backend import TorchLayout
+from engine.checkpoint import TRAINER_STATE
 
 
 def records(out: Path) -> dict[int, dict]:
@@ -36,7 +38,7 @@ def train(corpus, out: Path, **extra) -> dict:
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt / "trainable.safetensors"))
+    return load_file(str(ckpt / TorchLayout.TRAINABLE))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def cut_back(full: Path, dest: Path, step: int) -> Path:
 
 @pytest.mark.parametrize("stop_at", [4, 8])  # 4: mid-epoch 0; 8: in epoch 1
 def test_resume_is_bitwise_equal_to_the_uninterrupted_run(short_epochs, uninterrupted, tmp_path, stop_at):
-    state = json.loads((uninterrupted / "checkpoints" / f"step-{stop_at:07d}" / "trainer_state.json").read_text())
+    state = json.loads((uninterrupted / "checkpoints" / f"step-{stop_at:07d}" / TRAINER_STATE).read_text())
     assert state["step"] == stop_at and set(state["data"]) == {"epoch", "step_in_epoch", "shuffle_seed"}
     ref = records(uninterrupted)
     assert max(r["epoch"] for r in ref.values()) >= 1  # the run crosses an epoch boundary
@@ -259,7 +261,7 @@ def bad_inputs(d: Path, corpus: dict, run: Path) -> list[tuple[list[str], str]]:
     ckpt = run / "checkpoints" / "step-0000002"
     corrupt = d / "corrupt"
     shutil.copytree(ckpt, corrupt)
-    with open(corrupt / "trainable.safetensors", "r+b") as f:
+    with open(corrupt / TorchLayout.TRAINABLE, "r+b") as f:
         f.truncate(100)
     escaping = d / "escaping"
     shutil.copytree(ckpt, escaping)

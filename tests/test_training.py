@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import precisions, run_inprocess, tiny_overrides
+from engine.backends.torch_backend import TorchLayout
 from engine.config import validate_dict
 from engine.model import build_model
 
@@ -114,7 +115,7 @@ def _trained_model(out: Path, cfg_dict: dict):
     cfg = validate_dict(cfg_dict)
     model = build_model(cfg, 50257)
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
-    model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")), strict=False)
+    model.load_state_dict(load_file(str(ckpt / TorchLayout.TRAINABLE)), strict=False)
     return model.eval()
 
 
@@ -142,7 +143,7 @@ def test_lora_trains_adapters_only_and_merged_export_matches(corpus, tmp_path):
     assert losses[-1] < losses[0]
     assert summary["params"]["trainable"] == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
-    assert all("lora_" in k for k in load_file(str(ckpt / "trainable.safetensors")))
+    assert all("lora_" in k for k in load_file(str(ckpt / TorchLayout.TRAINABLE)))
 
     # The merged export is made from the trained in-memory model (its base + adapters). It equals the saved
     # adapter applied to a FRESH base built from the same seed, so training left the base weights unchanged,
@@ -161,7 +162,7 @@ def test_freeze_leaves_frozen_weights_unchanged(corpus, tmp_path):
     out = tmp_path / "run"
     summary, _ = run_inprocess(corpus, out, memory={"freeze": {"embeddings": True, "first_n_blocks": 1}})
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
-    saved = load_file(str(ckpt / "trainable.safetensors"))
+    saved = load_file(str(ckpt / TorchLayout.TRAINABLE))
     assert not any(k.startswith(("transformer.h.0.", "transformer.wte", "transformer.wpe")) for k in saved)
     from transformers import AutoModelForCausalLM
 

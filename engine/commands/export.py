@@ -1,13 +1,13 @@
 """`engine export`: the HF model (and LoRA adapter) from any checkpoint, for a run that stopped before its own export
-(engine/artifacts.py `export_checkpoint`)."""
+(engine/artifacts.py `export_checkpoint`, the path the end of every run exports through)."""
 
 from __future__ import annotations
 
 from engine.artifacts import export_checkpoint
 
 NAME = "export"
-HELP = ("write the HF-format model (safetensors) and, for LoRA, the adapter from a checkpoint of any layout (one "
-        "process or DeepSpeed ZeRO-1/2/3 shards), without a launcher")
+HELP = ("write the HF-format model (safetensors) and, for LoRA, the adapter from a checkpoint of any layout and "
+        "precision (one process, or DeepSpeed ZeRO-0/1/2/3 shards of any number of ranks), without a launcher")
 
 
 def add_arguments(p) -> None:

@@ -13,6 +13,7 @@ from engine.config import SampleConfig
 from engine.errors import ConfigError, EngineError
 from engine.generate import SAMPLING_ONLY, check_template, generate
 from engine.records import PROMPT_SLOT
+from engine.run_dir import RUN_MARKER
 
 NAME = "generate"
 HELP = ('write text with a trained model (full model, ZeRO export or LoRA adapter): greedy or sampling, stop '
@@ -114,7 +115,7 @@ def prompt_template(args) -> str:
 
 def run(args) -> int:
     # Settings and prompts first: a typo costs no model load.
-    run_cfg = run_config_of(args.model) if Path(args.model).joinpath("run.json").is_file() else None
+    run_cfg = run_config_of(args.model) if Path(args.model).joinpath(RUN_MARKER).is_file() else None
     s = sample_settings(args, run_cfg.sample if run_cfg is not None else None)
     if s.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")

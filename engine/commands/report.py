@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.report import PLOTS_DIR, read_run, run_names, write_plots
+from engine.report import read_run, run_names, write_plots
+from engine.run_dir import PLOTS_DIR
 
 NAME = "report"
 HELP = 'plot runs from their metrics.jsonl (loss, lr, tokens/s, peak memory); several runs overlaid'
