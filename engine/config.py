@@ -198,6 +198,14 @@ class OptimConfig(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float | None = Field(1.0, gt=0.0, description="Max global grad norm; null disables clipping.")
+    clip_in_backward: Literal["stale", "exact"] = Field(
+        "stale",
+        description="How memory.optimizer_in_backward clips to grad_clip (each parameter steps before the global norm "
+        "exists; neither way holds a model-sized buffer). stale: each gradient is scaled by grad_clip / max(the "
+        "last step's global norm, this step's norm so far), the first step measured exactly; no extra time. exact: "
+        "a first forward+backward measures the global norm (each gradient freed at once, nothing stepped), the "
+        "stepping one uses it: the plain step's clipping, at about twice the step time.",
+    )
 
 
 class ScheduleConfig(Section):
@@ -419,15 +427,10 @@ def check_combinations(cfg: RunConfig) -> None:
                 "memory.optimizer_in_backward steps during every backward, so gradients cannot accumulate: set "
                 "train.grad_accum_steps=1 (and no larger train.global_batch_size), or turn optimizer_in_backward off"
             )
-        if o.grad_clip is not None:
-            raise ValueError(
-                "memory.optimizer_in_backward updates each parameter before the global gradient norm exists, so it "
-                "cannot clip: set optim.grad_clip=null, or turn optimizer_in_backward off"
-            )
     if m.master_weights == "bf16":
         if not m.optimizer_in_backward:
             raise ValueError("memory.master_weights=bf16 updates each parameter in fp32 inside backward: set "
-                             "memory.optimizer_in_backward=true (with optim.grad_clip=null), or master_weights=fp32")
+                             "memory.optimizer_in_backward=true, or master_weights=fp32")
         if m.precision == "fp32":
             raise ValueError("memory.master_weights=bf16 computes in 16 bits, not memory.precision=fp32: set "
                              "memory.precision=bf16 (fp16 on GPUs without bf16, or auto), or master_weights=fp32")

@@ -218,7 +218,36 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 self.optimizers[key] = opt
         self.inv_scale = 1.0
         self.overflow = False
+        # Clipping (optim.grad_clip): each gradient's squared norm joins `sq_sum` as it arrives, before the gradient is
+        # used; it is scaled by grad_clip / `clip_norm` (the measured norm of this step, or a bound of it), so no
+        # model-sized buffer exists. `measuring`: a backward that only sums the norms (each gradient freed at once).
+        self.clip = cfg.grad_clip
+        self.measuring = False
+        self.sq_sum: torch.Tensor | None = None
+        self.clip_norm: torch.Tensor | None = None  # the global norm of the last step (stale) or of this one (exact)
+        self.bound_by_partial = False  # stale: also divide by this step's norm so far, a lower bound of its own
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(name)) for name, p in self.named]
+
+    def begin_backward(self, inv_scale: float, measuring: bool = False, bound_by_partial: bool = False) -> None:
+        """Before each backward: the loss scale to undo, whether this backward only measures the global norm."""
+        self.inv_scale, self.overflow, self.measuring = inv_scale, False, measuring
+        self.bound_by_partial, self.sq_sum = bound_by_partial, None
+
+    def global_norm(self) -> torch.Tensor | None:
+        """The global gradient norm of the backward that just ran (None without clipping)."""
+        return None if self.sq_sum is None else self.sq_sum.sqrt()
+
+    def _clip_(self, grad: torch.Tensor) -> None:
+        """Add this gradient to the norm's sum, then (unless measuring) scale it: factor = clip / norm, at most 1,
+        computed on the device (no host sync)."""
+        sq = torch.linalg.vector_norm(grad).float().square()  # (in the gradient's dtype: no fp32 copy of it)
+        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        if self.measuring:
+            return
+        norm = self.clip_norm
+        if self.bound_by_partial:
+            norm = self.sq_sum.sqrt() if norm is None else torch.maximum(norm, self.sq_sum.sqrt())
+        grad.mul_((self.clip / (norm + 1e-6)).clamp(max=1.0))
 
     @property
     def lr(self) -> float:
@@ -257,19 +286,25 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                     self.overflow = True
                     p.grad = None
                     return
-            if name in self.pieces:
-                self._step_pieces(name, p)
-            else:
-                self._step(name)
+            if self.clip is not None:
+                self._clip_(p.grad)
+            if not self.measuring:
+                if name in self.pieces:
+                    self._step_pieces(name, p)
+                else:
+                    self._step(name)
             p.grad = None  # the point of the exercise: free this gradient now
 
         return hook
 
     def state_dict(self) -> dict:
-        return {"lr": self.lr, "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}}
+        # clip_norm: what stale clipping divides the next step's gradients by (part of an exact resume)
+        return {"lr": self.lr, "clip_norm": self.clip_norm,
+                "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.param_groups[0]["lr"] = state["lr"]  # (as a torch optimizer restores its groups' lr)
+        self.clip_norm = state.get("clip_norm")
         for n, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][n])
 

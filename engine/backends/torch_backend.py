@@ -224,8 +224,8 @@ class TorchBackend(Backend):
 
 class InBackwardBackend(TorchBackend):
     """`memory.optimizer_in_backward`: one optimizer per parameter, stepped from the parameter's gradient hook, so no
-    model-sized gradient buffer ever exists. One micro-batch per step (nothing can accumulate), no clipping (the
-    global norm does not exist yet when a parameter steps); fp16 uses `DynamicLossScale`."""
+    model-sized gradient buffer ever exists. One micro-batch per step (nothing can accumulate); clipping by
+    `optim.clip_in_backward` (InBackwardOptimizer._clip_); fp16 uses `DynamicLossScale`."""
 
     name = "torch"
 
@@ -242,25 +242,41 @@ class InBackwardBackend(TorchBackend):
         return list(self.optimizer.optimizers.values())
 
     def step_tensors(self, micro_batches: list[dict]) -> dict:
-        """Forward, then a backward during which every parameter is updated and its gradient freed."""
+        """Forward, then a backward during which every parameter is updated and its gradient freed. With clipping,
+        `exact` (and `stale` on its first step) runs a measuring forward+backward first, with the same random
+        numbers (dropout), whose global norm the stepping backward divides by."""
         mb = self.to_device(micro_batches[0])
         n = mb["n_tokens"]
         opt = self.optimizer
         lr = opt.lr
         scale = self.loss_scale.scale if self.loss_scale else 1.0
-        opt.inv_scale, opt.overflow = 1.0 / scale, False
+        exact = self.cfg.optim.clip_in_backward == "exact"
+        if opt.clip is not None and (exact or opt.clip_norm is None):
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+                opt.begin_backward(1.0 / scale, measuring=True)
+                self.forward_backward(mb, scale / n)
+            opt.clip_norm = opt.global_norm()
+        opt.begin_backward(1.0 / scale, bound_by_partial=not exact)
+        loss_sum = self.forward_backward(mb, scale / n)
+        grad_norm = opt.global_norm()
+        if grad_norm is not None and not exact:  # what the next step's gradients are scaled by (if finite)
+            opt.clip_norm = torch.where(torch.isfinite(grad_norm), grad_norm, opt.clip_norm)
+        if self.loss_scale:
+            self.loss_scale.update(opt.overflow)
+        opt.step()  # (a no-op: the parameters stepped in backward) then the schedule moves on, as after any step
+        self.scheduler.step()
+        return {"loss_sum": loss_sum, "tokens": torch.tensor(float(n)), "grad_norm": grad_norm,
+                "skipped": opt.overflow, "lr": lr, "loss_scale": self.loss_scale.scale if self.loss_scale else None}
+
+    def forward_backward(self, mb: dict, loss_factor: float) -> torch.Tensor:
         with self.autocast():
             # Gradients are freed as they come here, so the tied head's, made at the start of backward and held to
             # its end, would sit on every block's peak: made at the end instead (engine.loss.DeferredHeadWeightGrad).
             # Not on the plain step: its gradient buffer peaks at the end, where the deferred work would add to it.
             loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size, defer_head_grad=True)
-        (loss_sum * (scale / n)).backward()
-        if self.loss_scale:
-            self.loss_scale.update(opt.overflow)
-        opt.step()  # (a no-op: the parameters stepped in backward) then the schedule moves on, as after any step
-        self.scheduler.step()
-        return {"loss_sum": loss_sum.detach(), "tokens": torch.tensor(float(n)), "grad_norm": None,
-                "skipped": opt.overflow, "lr": lr, "loss_scale": self.loss_scale.scale if self.loss_scale else None}
+        (loss_sum * loss_factor).backward()
+        return loss_sum.detach()
 
     def optimizer_state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
