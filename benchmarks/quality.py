@@ -1,26 +1,37 @@
-"""Fine-tuning quality of every low-memory recipe against the fp32-master AdamW reference.
+"""Fine-tuning quality of every low-memory recipe against the fp32-master AdamW reference, clipped and not.
 
 A small GPT-2 is pretrained by the engine on one domain (the shipped sample corpus: synthetic short stories), then
-fine-tuned on another (benchmarks/data/docs: technical prose from Python's docstrings) with each recipe: same
-steps, tokens, schedule, data order and seeds. Reported per recipe: final validation loss and perplexity (mean and
-spread over the seeds), the gap to the reference's loss, whether it is within 2%, tokens/s on this machine.
+fine-tuned on other domains with each recipe: same steps, tokens, schedule, data order and seeds:
+  docs   technical English prose from Python's docstrings (benchmarks/data/docs)
+  code   the hard shift: Python source code from the standard library (benchmarks/data/code), whose vocabulary
+         (identifiers, operators, indentation) and style the base never saw
+at two learning rates: the presets' own (full fine-tunes 1e-5 as the gpt2-xl presets, adapters 2e-4 as the LoRA
+presets) and a high one (5e-4, adapters 2.5e-3). Reported per domain, lr and recipe: final validation loss (mean and
+spread over the seeds), the gap to the clipped reference (the bar: within 1%) and to the unclipped one (what is
+owed to clipping), tokens/s on this machine.
 
-    .venv/bin/python benchmarks/quality.py                      # 4-layer 128-wide model, 3 seeds
+    .venv/bin/python benchmarks/quality.py                      # 4-layer 128-wide model, 3 seeds, the whole grid
+    .venv/bin/python benchmarks/quality.py --domains code --lrs high --recipes adamw_8bit_inb adamw_8bit_inb_exact
     .venv/bin/python benchmarks/quality.py --size gpt2-medium   # gpt2-medium, random init, 1 seed, fewer steps
 
+Every finished run is recorded in results.json at once and read back instead of rerun, so an interrupted grid (or one
+split over several sessions) continues where it stopped; results.md is redrawn from all recorded runs.
 `--size gpt2-medium` cannot pretrain a 355M model on a CPU in useful time: it fine-tunes the random-init
-architecture directly on the docs domain (1 seed, --steps 20 by default, validation on its first 8 batches), which compares the recipes' optimisation
-at that size, not their effect on a pretrained model. Results: benchmarks/results/quality/<size>/.
+architecture directly (1 seed, --steps 20 by default, validation on its first 8 batches), which compares the
+recipes' optimisation at that size, not their effect on a pretrained model. Results: benchmarks/results/quality/<size>/.
 
 Recipes (each a recipe of engine/recipes.py under the same key, in a pinned precision; RECIPES below):
-  reference         AdamW, fp32 weights and compute, grad clip 1.0
-  adamw_bf16        control: the reference under bf16 autocast (what bf16 compute alone costs)
-  adamw_8bit_inb    8-bit AdamW stepped inside backward, fp32 weights (gpt2-xl_full_t4's optimizer; no clipping)
-  bf16_8bit         bf16 weights with stochastic rounding + 8-bit AdamW in backward (gpt2-xl_full_8gb)
-  bf16_4bit         bf16 weights + 4-bit AdamW (torchao) in backward
-  bf16_adafactor    bf16 weights + Adafactor (factored, no momentum) in backward
-  lora              LoRA r=16 on c_attn/c_proj/c_fc, bf16 compute, lr x LORA_LR_FACTOR
-  qlora             the same over an NF4 base (double quantization)
+  reference             AdamW, fp32 weights and compute, grad clip 1.0
+  reference_noclip      the same without clipping
+  adamw_bf16            control: the reference under bf16 autocast (what bf16 compute alone costs)
+  adamw_8bit_inb        8-bit AdamW stepped inside backward, fp32 weights, clipped in backward (the T4 preset)
+  adamw_8bit_inb_exact  the same, clipped exactly (optim.clip_in_backward=exact: a measuring backward first)
+  adamw_8bit_inb_noclip the same without clipping (what the recipes did before clipping in backward)
+  bf16_8bit             bf16 weights with stochastic rounding + 8-bit AdamW in backward, clipped (the 8 GB preset)
+  bf16_4bit             bf16 weights + 4-bit AdamW (torchao) in backward, clipped
+  bf16_adafactor        bf16 weights + Adafactor (factored, no momentum) in backward, clipped
+  lora                  LoRA r=16 on c_attn/c_proj/c_fc, bf16 compute
+  qlora                 the same over an NF4 base (double quantization)
 """
 
 from __future__ import annotations
@@ -37,14 +48,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DOCS = ROOT / "benchmarks" / "data" / "docs"
+DATA = ROOT / "benchmarks" / "data"
 OUT = ROOT / "benchmarks" / "results" / "quality"
+DOMAINS = {"docs": (DATA / "docs" / "train.txt", DATA / "docs" / "valid.txt"),
+           "code": (DATA / "code" / "train.jsonl", DATA / "code" / "valid.jsonl")}
+LRS = {"preset": (1e-5, 2e-4), "high": (5e-4, 2.5e-3)}  # (full fine-tune, adapters)
+TOLERANCE_PCT = 1.0
 
 from engine.recipes import CATALOG, precision  # noqa: E402
 
 FP32, BF16 = precision("fp32"), precision("bf16")
 NO_DROPOUT = ("memory.lora.dropout=0.0",)  # this benchmark's adapters train without dropout (the default is 0.05)
-LORA_LR_FACTOR = 5  # adapters train at a higher lr than full fine-tunes (the LoRA presets do the same)
+CLIP, NO_CLIP, EXACT = ("optim.grad_clip=1.0",), ("optim.grad_clip=null",), ("optim.clip_in_backward=exact",)
 
 
 def from_catalog(key: str, *extra: str) -> list[str]:
@@ -56,17 +71,21 @@ def from_catalog(key: str, *extra: str) -> list[str]:
 # results under the same names), each in the precision it is measured in; the reference and its bf16 control are
 # the catalog's AdamW.
 RECIPES = {
-    "reference": from_catalog("adamw", *FP32),
-    "adamw_bf16": from_catalog("adamw", *BF16),
-    "adamw_8bit_inb": from_catalog("adamw_8bit_inb", *FP32),
-    "bf16_8bit": from_catalog("bf16_8bit", *BF16),
-    "bf16_4bit": from_catalog("bf16_4bit", *BF16),
-    "bf16_adafactor": from_catalog("bf16_adafactor", *BF16),
-    "lora": from_catalog("lora", *NO_DROPOUT, *BF16),
-    "qlora": from_catalog("qlora", *NO_DROPOUT, *BF16),
+    "reference": from_catalog("adamw", *FP32, *CLIP),
+    "reference_noclip": from_catalog("adamw", *FP32, *NO_CLIP),
+    "adamw_bf16": from_catalog("adamw", *BF16, *CLIP),
+    "adamw_8bit_inb": from_catalog("adamw_8bit_inb", *FP32, *CLIP),
+    "adamw_8bit_inb_exact": from_catalog("adamw_8bit_inb", *FP32, *CLIP, *EXACT),
+    "adamw_8bit_inb_noclip": from_catalog("adamw_8bit_inb", *FP32, *NO_CLIP),
+    "bf16_8bit": from_catalog("bf16_8bit", *BF16, *CLIP),
+    "bf16_4bit": from_catalog("bf16_4bit", *BF16, *CLIP),
+    "bf16_adafactor": from_catalog("bf16_adafactor", *BF16, *CLIP),
+    "lora": from_catalog("lora", *NO_DROPOUT, *BF16, *CLIP),
+    "qlora": from_catalog("qlora", *NO_DROPOUT, *BF16, *CLIP),
 }
+REFERENCES = ("reference", "reference_noclip")
 SIZES = {
-    # size: (model overrides, micro-batch, pretrain steps, fine-tune steps, lr, seeds)
+    # size: (model overrides, micro-batch, pretrain steps, fine-tune steps, pretraining lr / 3, seeds)
     "small": (["model.name=gpt2", "model.n_layer=4", "model.n_embd=128", "model.n_head=4", "model.n_positions=128"],
               8, 300, 150, 5e-4, [1, 2, 3]),
     # (the shape spelled out: the default preset underneath sets a tiny one)
@@ -121,41 +140,71 @@ def pretrain(model: list[str], micro: int, steps: int, lr: float, out: Path) -> 
     return out / "model"
 
 
-def fine_tune(base: list[str], name: str, seed: int, micro: int, steps: int, lr: float, out: Path,
+def is_adapter(recipe: str) -> bool:
+    return "memory.lora.enabled=true" in RECIPES[recipe]
+
+
+def fine_tune(base: list[str], domain: str, recipe: str, seed: int, micro: int, steps: int, lr: float, out: Path,
               extra: tuple[str, ...] = ()) -> dict:
-    rlr = lr * (LORA_LR_FACTOR if "memory.lora.enabled=true" in RECIPES[name] else 1)
-    return engine_train([*base, f"data.train_file={DOCS / 'train.txt'}", f"data.validation_file={DOCS / 'valid.txt'}",
+    train, valid = DOMAINS[domain]
+    return engine_train([*base, f"data.train_file={train}", f"data.validation_file={valid}",
                          f"data.block_size={BLOCK}", f"train.micro_batch_size={micro}", f"train.max_steps={steps}",
-                         f"train.seed={seed}", f"optim.lr={rlr}", "schedule.warmup_steps=30", "schedule.decay=cosine",
-                         f"eval.every_n_steps={max(steps // 3, 1)}", *extra, *RECIPES[name]], out)
+                         f"train.seed={seed}", f"optim.lr={lr}", f"schedule.warmup_steps={max(steps // 5, 1)}",
+                         "schedule.decay=cosine", f"eval.every_n_steps={max(steps // 3, 1)}", *extra, *RECIPES[recipe]],
+                        out)
 
 
-def summarise(runs: dict[str, list[dict]]) -> list[dict]:
-    ref = statistics.mean(r["val_loss"] for r in runs["reference"])
+def summarise(runs: dict[str, dict]) -> list[dict]:
+    """One row per (domain, lr, recipe) over its seeds, with its gaps to the clipped and unclipped references."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for key, r in sorted(runs.items()):
+        domain, lr, recipe, _ = key.split("/")
+        groups.setdefault((domain, lr, recipe), []).append(r)
     rows = []
-    for recipe, rs in runs.items():
+    for (domain, lr, recipe), rs in groups.items():
         losses = [r["val_loss"] for r in rs]
         mean = statistics.mean(losses)
-        gap = 100 * (mean - ref) / ref
-        rows.append({"recipe": recipe, "overrides": RECIPES[recipe], "seeds": len(rs), "val_loss": round(mean, 4),
-                     "val_loss_sd": round(statistics.stdev(losses), 4) if len(rs) > 1 else None,
-                     "val_ppl": round(statistics.mean(r["val_ppl"] for r in rs), 2), "gap_pct": round(gap, 2),
-                     "within_2pct": abs(gap) <= 2.0,
-                     "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rs), 1),
-                     "runs": rs})
+        row = {"domain": domain, "lr": lr, "recipe": recipe, "overrides": RECIPES.get(recipe), "seeds": len(rs),
+               "val_loss": round(mean, 4), "val_loss_sd": round(statistics.stdev(losses), 4) if len(rs) > 1 else None,
+               "val_ppl": round(statistics.mean(r["val_ppl"] for r in rs), 2),
+               "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rs), 1)}
+        for ref in REFERENCES:
+            if (domain, lr, ref) in groups:
+                ref_mean = statistics.mean(r["val_loss"] for r in groups[(domain, lr, ref)])
+                row[f"gap_pct_vs_{ref}"] = round(100 * (mean - ref_mean) / ref_mean, 2)
+        gap = row.get("gap_pct_vs_reference")
+        row["within_1pct"] = gap is not None and gap <= TOLERANCE_PCT
+        rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [f"# Fine-tuning quality vs the fp32-master AdamW reference ({env['size']})", "",
-             f"{env['device']}; torch {env['torch']}; {env['date']}; `{env['command']}`", "",
-             "| recipe | final val loss (mean ± sd) | perplexity | gap vs reference | within 2% | tokens/s |",
-             "|---|---:|---:|---:|:-:|---:|"]
-    for r in rows:
-        sd = f" ± {r['val_loss_sd']:.4f}" if r["val_loss_sd"] is not None else ""
-        lines.append(f"| {r['recipe']} | {r['val_loss']:.4f}{sd} | {r['val_ppl']:.2f} | {r['gap_pct']:+.2f}% | "
-                     f"{'yes' if r['within_2pct'] else 'NO'} | {r['tokens_per_s']:,.0f} |")
-    return "\n".join(lines) + "\n"
+             f"{env['device']}; torch {env['torch']}; {env['date']}; `{env['command']}` (runs recorded over "
+             "several invocations are read back)", ""]
+    for domain in DOMAINS:
+        for lr_name, (lr_full, lr_adapter) in LRS.items():
+            sub = [r for r in rows if r["domain"] == domain and r["lr"] == lr_name]
+            if not sub:
+                continue
+            lines += [f"## {domain}, lr {lr_name} ({lr_full:g}; adapters {lr_adapter:g})", "",
+                      "| recipe | seeds | final val loss (mean ± sd) | vs reference (clip 1.0) | within 1% | "
+                      "vs reference without clipping | tokens/s |", "|---|---:|---:|---:|:-:|---:|---:|"]
+            for r in sub:
+                sd = f" ± {r['val_loss_sd']:.4f}" if r["val_loss_sd"] is not None else ""
+                gap = lambda k: f"{r[k]:+.2f}%" if k in r else "-"  # noqa: E731
+                lines.append(f"| {r['recipe']} | {r['seeds']} | {r['val_loss']:.4f}{sd} | "
+                             f"{gap('gap_pct_vs_reference')} | {'yes' if r['within_1pct'] else 'NO'} | "
+                             f"{gap('gap_pct_vs_reference_noclip')} | {r['tokens_per_s']:,.0f} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def read_recorded(path: Path) -> dict[str, dict]:
+    """The runs results.json already holds (key domain/lr/recipe/seed), or none."""
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text()).get("runs", {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,39 +213,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="fine-tune steps (default: the size's)")
     ap.add_argument("--pretrain-steps", type=int, help="pretraining steps (default: the size's)")
     ap.add_argument("--seeds", type=int, nargs="*", help="default: the size's")
-    ap.add_argument("--recipes", nargs="*", choices=list(RECIPES), help="default: all (reference always)")
+    ap.add_argument("--domains", nargs="*", choices=list(DOMAINS), help="default: all")
+    ap.add_argument("--lrs", nargs="*", choices=list(LRS), help="default: all")
+    ap.add_argument("--recipes", nargs="*", choices=list(RECIPES), help="default: all (the references always)")
     ap.add_argument("--out", help="default: benchmarks/results/quality/<size>")
     args = ap.parse_args(argv)
     import torch
 
-    model, micro, pre_steps, steps, lr, seeds = SIZES[args.size]
+    model, micro, pre_steps, steps, pre_lr, seeds = SIZES[args.size]
     steps, seeds = args.steps or steps, args.seeds or seeds
     pre_steps = pre_steps if args.pretrain_steps is None else args.pretrain_steps
     out = Path(args.out) if args.out else OUT / args.size
     work = out / "runs"  # run folders (not committed)
-    recipes = ["reference"] + [r for r in (args.recipes or RECIPES) if r != "reference"]
+    recipes = [*REFERENCES, *(r for r in (args.recipes or RECIPES) if r not in REFERENCES)]
     if pre_steps:
-        base = ["model.init=pretrained", f"model.name={pretrain(model, micro * 2, pre_steps, lr, work / 'pretrain')}"]
+        base = ["model.init=pretrained", f"model.name={pretrain(model, micro * 2, pre_steps, pre_lr, work / 'pretrain')}"]
     else:
         base = [*model, "model.init=random"]
-    runs: dict[str, list[dict]] = {}
-    for recipe in recipes:
-        for seed in seeds:
-            r = fine_tune(base, recipe, seed, micro, steps, lr, work / f"{recipe}-seed{seed}",
-                          () if pre_steps else ("eval.max_batches=8",))  # gpt2-medium: 4k validation tokens
-            runs.setdefault(recipe, []).append({"seed": seed, **r})
-            print(f"{recipe:15s} seed {seed}: val_loss {r['val_loss']:.4f} ppl {r['val_ppl']:.2f} "
-                  f"({r['tokens_per_s']:,.0f} tok/s)", flush=True)
-    rows = summarise(runs)
     env = {"size": args.size, "device": f"CPU: {cpu_name()}, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "command": " ".join([".venv/bin/python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
            "pretrain_steps": pre_steps, "fine_tune_steps": steps, "block_size": BLOCK, "micro_batch": micro,
-           "lr": lr, "lora_lr_factor": LORA_LR_FACTOR}
+           "lrs": LRS}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
-    (out / "results.md").write_text(markdown(rows, env))
-    print(markdown(rows, env))
+    runs = read_recorded(out / "results.json")
+    for domain in args.domains or DOMAINS:
+        for lr_name in args.lrs or LRS:
+            for recipe in recipes:
+                lr = LRS[lr_name][1 if is_adapter(recipe) else 0]
+                for seed in seeds:
+                    key = f"{domain}/{lr_name}/{recipe}/{seed}"
+                    if key in runs:
+                        continue
+                    r = fine_tune(base, domain, recipe, seed, micro, steps, lr, work / key.replace("/", "-"),
+                                  () if pre_steps else ("eval.max_batches=8",))  # gpt2-medium: 4k validation tokens
+                    runs[key] = {"seed": seed, "date": env["date"], **r}
+                    print(f"{key:45s} val_loss {r['val_loss']:.4f} ({r['tokens_per_s']:,.0f} tok/s)", flush=True)
+                    rows = summarise(runs)  # recorded after every run: an interrupted grid continues from here
+                    (out / "results.json").write_text(json.dumps({"env": env, "rows": rows, "runs": runs}, indent=2))
+                    (out / "results.md").write_text(markdown(rows, env))
+    print(markdown(summarise(runs), env))
     return 0
 
 

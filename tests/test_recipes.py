@@ -44,7 +44,7 @@ def test_every_planner_candidate_validates_in_each_precision():
 
 # The planner's candidates as spelled in engine/plan.py at c672551: name -> (settings, zero stage, offload optimizer,
 # offload params, in backward, quality rank, has a quality note).
-INB = {"memory.optimizer_in_backward": "true", "optim.grad_clip": "null"}
+INB = {"memory.optimizer_in_backward": "true"}  # (clipping at the default 1.0 since clipping in backward)
 OFF = {"optim.name": "cpu_adam", "memory.offload_optimizer": "true"}
 LORA = {"optim.name": "adamw", "memory.lora.enabled": "true", "memory.lora.r": "16", "memory.lora.alpha": "32"}
 PLANNER = {
@@ -107,13 +107,20 @@ def test_benchmark_recipes_are_what_they_were():
     names unchanged."""
     from benchmarks import gpu_check, quality, run, single_device
 
-    assert list(quality.RECIPES) == ["reference", "adamw_bf16", "adamw_8bit_inb", "bf16_8bit", "bf16_4bit",
+    assert list(quality.RECIPES) == ["reference", "reference_noclip", "adamw_bf16", "adamw_8bit_inb",
+                                     "adamw_8bit_inb_exact", "adamw_8bit_inb_noclip", "bf16_8bit", "bf16_4bit",
                                      "bf16_adafactor", "lora", "qlora"]
-    assert settings(quality.RECIPES["reference"]) == {"optim.name": "adamw", "memory.precision": "fp32"}
+    clip = {"optim.grad_clip": "1.0"}  # pinned by the quality benchmark, whatever the default
+    assert settings(quality.RECIPES["reference"]) == {"optim.name": "adamw", "memory.precision": "fp32", **clip}
+    assert settings(quality.RECIPES["reference_noclip"]) == {"optim.name": "adamw", "memory.precision": "fp32",
+                                                             "optim.grad_clip": "null"}
     assert settings(quality.RECIPES["bf16_4bit"]) == {"optim.name": "adamw_4bit", **INB, "memory.precision": "bf16",
-                                                      "memory.master_weights": "bf16"}
+                                                      "memory.master_weights": "bf16", **clip}
+    assert settings(quality.RECIPES["adamw_8bit_inb_exact"]) == {"optim.name": "adamw_8bit", **INB, **clip,
+                                                                 "memory.precision": "fp32",
+                                                                 "optim.clip_in_backward": "exact"}
     assert settings(quality.RECIPES["qlora"]) == {**LORA, "memory.lora.dropout": "0.0", "memory.precision": "bf16",
-                                                  "memory.lora.quantize_base": "nf4"}
+                                                  "memory.lora.quantize_base": "nf4", **clip}
     assert sorted(single_device.RECIPES) == ["adafactor", "adamw_4bit", "bf16_weights", "full", "lora", "qlora"]
     preset, extra = single_device.RECIPES["qlora"]
     assert preset == ["--config", "gpt2-xl_qlora_4gb"] and settings(extra) == {
@@ -138,7 +145,7 @@ def test_matrices_expand_catalog_recipes_in_place():
     jobs = dict(expand(matrix))
     base = matrix["base"]
     assert jobs["bf16 weights + 4-bit AdamW"][len(base):] == [
-        "memory.precision=bf16", "optim.name=adamw_4bit", "memory.optimizer_in_backward=true", "optim.grad_clip=null",
+        "memory.precision=bf16", "optim.name=adamw_4bit", "memory.optimizer_in_backward=true",
         "memory.master_weights=bf16"]
     assert settings(jobs["t4-recipe (fp32 weights, 8-bit AdamW in backward)"][len(base):]) == {
         "memory.precision": "fp32", "optim.name": "adamw_8bit", **INB}
