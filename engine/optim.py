@@ -218,6 +218,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 self.optimizers[key] = opt
         self.inv_scale = 1.0
         self.overflow = False
+        self.skipped = 0  # parameters whose gradient overflowed in the last backward (fp16)
         # Clipping (optim.grad_clip): each gradient's squared norm joins `sq_sum` as it arrives, before the gradient is
         # used; it is scaled by grad_clip / `clip_norm` (the measured norm of this step, or a bound of it), so no
         # model-sized buffer exists. `measuring`: a backward that only sums the norms (each gradient freed at once).
@@ -229,9 +230,10 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(name)) for name, p in self.named]
 
     def begin_backward(self, inv_scale: float, measuring: bool = False, bound_by_partial: bool = False) -> None:
-        """Before each backward: the loss scale to undo, whether this backward only measures the global norm."""
+        """Before each backward: the loss scale to undo, whether this backward only measures (the global norm, and
+        under fp16 whether the scale overflows) and steps nothing."""
         self.inv_scale, self.overflow, self.measuring = inv_scale, False, measuring
-        self.bound_by_partial, self.sq_sum = bound_by_partial, None
+        self.bound_by_partial, self.sq_sum, self.skipped = bound_by_partial, None, 0
 
     def global_norm(self) -> torch.Tensor | None:
         """The global gradient norm of the backward that just ran (None without clipping)."""
@@ -284,6 +286,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 if not torch.isfinite(p.grad).all():
                     # fp16 overflow: this parameter skips the step; the loop lowers the scale.
                     self.overflow = True
+                    self.skipped += 1
                     p.grad = None
                     return
             if self.clip is not None:
@@ -343,21 +346,29 @@ def is_pieced(optimizer: str, master_bf16: bool) -> bool:
 
 
 class DynamicLossScale:
-    """fp16 loss scaling for the in-backward optimizer (torch's GradScaler needs a separate step call)."""
+    """fp16 loss scaling for the in-backward optimizer (torch's GradScaler needs a separate step call). `untried`: the
+    scale has not yet carried a step without overflow (the first step, and after every change), so the in-backward
+    step measures it first (a backward that steps nothing) instead of letting some parameters skip their update."""
 
     def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 2000, min_scale: float = 1.0):
         self.scale, self.growth_interval, self.min_scale, self.good_steps = init_scale, growth_interval, min_scale, 0
+        self.untried = True
 
     def update(self, overflow: bool) -> None:
         if overflow:
-            self.scale, self.good_steps = max(self.scale / 2, self.min_scale), 0
+            self.scale, self.good_steps, self.untried = max(self.scale / 2, self.min_scale), 0, True
         else:
             self.good_steps += 1
-            if self.good_steps % self.growth_interval == 0:
+            self.untried = self.good_steps % self.growth_interval == 0
+            if self.untried:
                 self.scale *= 2
 
+    @property
+    def at_minimum(self) -> bool:
+        return self.scale <= self.min_scale
+
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "good_steps": self.good_steps}
+        return {"scale": self.scale, "good_steps": self.good_steps, "untried": self.untried}
 
     def load_state_dict(self, st: dict) -> None:
-        self.scale, self.good_steps = st["scale"], st["good_steps"]
+        self.scale, self.good_steps, self.untried = st["scale"], st["good_steps"], st.get("untried", False)

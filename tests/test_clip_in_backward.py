@@ -101,3 +101,26 @@ def test_clipping_composes_with_bf16_weights_and_lora(corpus, tmp_path, memory):
                               optim={"grad_clip": CLIP, "lr": 1e-2}, train={"max_steps": 8})
     assert losses[-1] < losses[0]
     assert all(n is not None and n > 0 for n in norms(tmp_path / "run"))
+
+
+def test_an_fp16_scale_that_overflows_is_measured_down_before_any_parameter_steps(corpus, tmp_path):
+    """fp16 in backward: a loss scale not yet tried (the first step, and after each change) is measured first, and
+    halved while that backward overflows, so no parameter skips its update while the others step. Started far
+    too high (2^40), the first step comes down to a scale that fits and steps every parameter."""
+    from engine.backends import make_backend
+    from engine.distributed import dist_env
+    from engine.train import TrainingRecipe
+
+    cfg = validate_dict(tiny_overrides(corpus, tmp_path, memory={"optimizer_in_backward": True, "precision": "fp16"},
+                                       optim={"grad_clip": None}))
+    recipe = TrainingRecipe(cfg, dist_env())
+    recipe.setup_data()
+    recipe.setup_backend()
+    backend = recipe.backend
+    backend.loss_scale.scale = 2.0**40
+    _, batches = recipe.sampler.step_batches(0)
+    before = {n: p.detach().clone() for n, p in backend.model.named_parameters()}
+    stats = backend.train_step(batches)
+    assert not stats.skipped and backend.optimizer.skipped == 0
+    assert 1.0 < stats.loss_scale < 2.0**40 and not backend.loss_scale.untried
+    assert all(not torch.equal(p, before[n]) for n, p in backend.model.named_parameters())  # every one stepped

@@ -192,14 +192,15 @@ def test_chunked_loss_parity(corpus, tmp_path, baselines, chunk, precision):
                                               *precisions("bf16", "fp16", before=("adamw",))])
 def test_optimizer_in_backward_matches_the_plain_step(corpus, tmp_path, optim, precision):
     """Per-parameter steps inside backward are the same update as one step after backward (no clipping): 20 steps
-    of losses within IN_BACKWARD_TOL of the plain path with the same optimizer (fp16: the in-backward
+    (fp16: 8) of losses within IN_BACKWARD_TOL of the plain path with the same optimizer (fp16: the in-backward
     DynamicLossScale against the plain step's GradScaler, both starting at 2^16)."""
-    common = dict(optim={"name": optim, "grad_clip": None}, train={"max_steps": 20})
+    steps = 8 if precision == "fp16" else 20  # (fp16 on a CPU is emulated, slowly)
+    common = dict(optim={"name": optim, "grad_clip": None}, train={"max_steps": steps})
     plain_run, plain = run_inprocess(corpus, tmp_path / "plain", memory={"precision": precision}, **common)
     fused_run, fused = run_inprocess(corpus, tmp_path / "fused", memory={"optimizer_in_backward": True,
                                                                          "loss_chunk_size": 32, "precision": precision,
                                                                          "activation_checkpointing": True}, **common)
-    assert len(fused) == 20 and fused[-1] < fused[0]
+    assert len(fused) == steps and fused[-1] < fused[0]
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=0, atol=IN_BACKWARD_TOL[precision])
     # the fused run exports and reloads like any other: same logits as the plain run's export
     from transformers import AutoModelForCausalLM

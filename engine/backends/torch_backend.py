@@ -251,12 +251,9 @@ class InBackwardBackend(TorchBackend):
         lr = opt.lr
         scale = self.loss_scale.scale if self.loss_scale else 1.0
         exact = self.cfg.optim.clip_in_backward == "exact"
-        if opt.clip is not None and (exact or opt.clip_norm is None):
-            devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-                opt.begin_backward(1.0 / scale, measuring=True)
-                self.forward_backward(mb, scale / n)
-            opt.clip_norm = opt.global_norm()
+        untried_scale = self.loss_scale is not None and self.loss_scale.untried
+        if untried_scale or (opt.clip is not None and (exact or opt.clip_norm is None)):
+            scale = self.measure(mb, n)
         opt.begin_backward(1.0 / scale, bound_by_partial=not exact)
         loss_sum = self.forward_backward(mb, scale / n)
         grad_norm = opt.global_norm()
@@ -268,6 +265,23 @@ class InBackwardBackend(TorchBackend):
         self.scheduler.step()
         return {"loss_sum": loss_sum, "tokens": torch.tensor(float(n)), "grad_norm": grad_norm,
                 "skipped": opt.overflow, "lr": lr, "loss_scale": self.loss_scale.scale if self.loss_scale else None}
+
+    def measure(self, mb: dict, n: int) -> float:
+        """A forward+backward that steps nothing (the same random numbers as the stepping one): the global norm
+        exact clipping divides by, and under fp16 a loss scale that does not overflow, halved until it does not (a
+        skipped parameter would otherwise step out of line with the rest). Returns the scale to step with."""
+        opt, ls = self.optimizer, self.loss_scale
+        devices = [self.device] if self.device.type == "cuda" else []
+        while True:
+            scale = ls.scale if ls else 1.0
+            with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+                opt.begin_backward(1.0 / scale, measuring=True)
+                self.forward_backward(mb, scale / n)
+            if not (ls and opt.overflow) or ls.at_minimum:
+                break
+            ls.update(True)
+        opt.clip_norm = opt.global_norm()
+        return scale
 
     def forward_backward(self, mb: dict, loss_factor: float) -> torch.Tensor:
         with self.autocast():
