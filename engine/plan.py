@@ -97,7 +97,7 @@ class Strategy:
 # against the fp32-master AdamW reference, measured by benchmarks/quality.py on this project's 2-core AMD EPYC CPU:
 # a 4-layer GPT-2 pretrained by the engine on the sample corpus, fine-tuned 150 steps on Python docstrings, mean of
 # 3 seeds; and the gpt2-medium size, 20 steps from random init, 1 seed.
-# Results: benchmarks/results/quality/{small,gpt2-medium}/results.md.
+# Results: benchmarks/results/quality/small/before-clipping/results.md, benchmarks/results/quality/gpt2-medium/results.md.
 # The in-backward recipes were measured before they clipped (IN_BACKWARD_UNCLIPPED): their gaps are labelled so until
 # benchmarks/quality.py's grid re-measures them with clipping in backward.
 IN_BACKWARD_UNCLIPPED = ("adamw_8bit_inb", "bf16_8bit", "bf16_4bit", "bf16_adafactor")
