@@ -118,13 +118,3 @@ def check_names(have, want, what: str = "checkpoint weights") -> None:
     if have != want:
         missing, extra = sorted(want - have)[:3], sorted(have - want)[:3]
         raise ValueError(f"{what} do not match this model (missing {missing}, unexpected {extra})")
-
-
-def split_flat(flat: torch.Tensor, shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
-    """A flat vector holding parameters one after another, unpadded (DeepSpeed's FP16_Optimizer groups), by name."""
-    out, offset = {}, 0
-    for name, shape in shapes:
-        n = math.prod(shape)
-        out[name] = flat.narrow(0, offset, n).view(tuple(shape)).clone()
-        offset += n
-    return out
