@@ -149,6 +149,12 @@ class MemoryConfig(Section):
         False, description="Keep only block inputs; recompute the rest in backward (about one extra forward)."
     )
     checkpoint_every_n_layers: int = Field(1, gt=0, description="Checkpoint every k-th block (1 = all): trades memory back for speed.")
+    checkpoint_policy: Literal["full", "selective"] = Field(
+        "full", description="What a checkpointed block keeps for backward. full: only its input, the whole block "
+        "recomputed (about one extra forward). selective: also what its matmuls and attention made, so backward "
+        "recomputes only the cheap ops (LayerNorm, GELU, bias and residual adds, dropout): part of the memory saving "
+        "at a small part of the recompute (engine.model.SELECTIVE_SAVE)."
+    )
     fused_gelu: bool = Field(
         True, description="Replace GPT-2's 5-op GELU by one gelu(approximate='tanh'): same function, 3 fewer saved "
         "[tokens x 4h] tensors per block (about 40% of activations with flash attention, less with the CPU math kernel)."
@@ -438,6 +444,9 @@ def check_combinations(cfg: RunConfig) -> None:
         raise ValueError("memory.loss_chunk_size calls the LM head outside ZeRO-3's gather hooks: use zero_stage<=2 or unset it")
     if m.checkpoint_every_n_layers > 1 and not m.activation_checkpointing:
         raise ValueError("memory.checkpoint_every_n_layers is set but memory.activation_checkpointing=false: enable it or remove the key")
+    if m.checkpoint_policy != "full" and not m.activation_checkpointing:
+        raise ValueError(f"memory.checkpoint_policy={m.checkpoint_policy} is set but memory.activation_checkpointing=false: "
+                         "enable it or remove the key")
     if m.lora.quantize_base != "none":
         if not m.lora.enabled:
             raise ValueError("memory.lora.quantize_base quantizes the frozen base under LoRA adapters: set "

@@ -143,11 +143,38 @@ def apply_fused_gelu(model: nn.Module) -> int:
     return n
 
 
-def apply_activation_checkpointing(model: nn.Module, every_n_layers: int) -> None:
-    # use_reentrant=False: works with frozen inputs (LoRA/freeze) and keyword args, and composes with ZeRO-3.
-    model.activation_checkpointing_enable(
-        activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every_n_layers
-    )
+# What selective checkpointing keeps (memory.checkpoint_policy=selective): the outputs of the ops whose recompute
+# costs FLOPs - the matmuls (Conv1D/Linear lower to addmm/mm, batched attention to bmm/baddbmm) and the fused attention
+# kernels (their output and logsumexp). The rest of a block (LayerNorm, GELU, bias and residual adds, dropout, views)
+# is recomputed in backward from the block input and these. A matmul's backward needs its input, which is cheap to
+# recompute (a LayerNorm or GELU output), so that is what is not kept.
+SELECTIVE_SAVE = (
+    "mm", "addmm", "bmm", "baddbmm",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+)
+
+
+def selective_checkpoint_context():
+    """`torch.utils.checkpoint`'s context_fn for memory.checkpoint_policy=selective: SELECTIVE_SAVE kept, the rest
+    recomputed (`create_selective_checkpoint_contexts`, a dispatch-level policy)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    keep = {getattr(torch.ops.aten, name).default for name in SELECTIVE_SAVE if hasattr(torch.ops.aten, name)}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model: nn.Module, every_n_layers: int, policy: str = "full") -> None:
+    # use_reentrant=False: works with frozen inputs (LoRA/freeze) and keyword args, and composes with ZeRO-3; it is
+    # also the form that takes a selective policy (context_fn).
+    kwargs = {"use_reentrant": False}
+    if policy == "selective":
+        kwargs["context_fn"] = selective_checkpoint_context
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
     # The KV cache is useless in training and conflicts with recompute.
     model.config.use_cache = False
 
@@ -300,7 +327,7 @@ def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int | No
     if mem.fused_gelu:
         apply_fused_gelu(model)
     if mem.activation_checkpointing:
-        apply_activation_checkpointing(model, mem.checkpoint_every_n_layers)
+        apply_activation_checkpointing(model, mem.checkpoint_every_n_layers, mem.checkpoint_policy)
     if mem.lora.enabled:
         if mem.lora.quantize_base == "nf4":
             quantize_base_4bit(model, DTYPES[mem.precision] if mem.precision in DTYPES else torch.float32)

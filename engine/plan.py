@@ -77,6 +77,7 @@ class Request:
     global_batch: int | None = None  # None: no accumulation, the micro-batch is the batch
     lora: bool = False
     max_micro: int = 64
+    clip_in_backward: str = "stale"  # optim.clip_in_backward for the in-backward candidates (exact: two passes)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,8 @@ def config_overrides(req: Request, s: Strategy, a: ActivationChoice, micro: int,
         ov += checkpointing(a.checkpoint_every)
     if a.chunked_loss:
         ov += chunked_loss(req.seq_len)
+    if s.in_backward and req.clip_in_backward != "stale":
+        ov.append(f"optim.clip_in_backward={req.clip_in_backward}")
     return ov
 
 
@@ -238,12 +241,15 @@ def host_bytes(n_params: int, zero_host: int, lora: bool) -> int:
 def step_seconds_per_token(req: Request, s: Strategy, a: ActivationChoice, n_params: int, tokens_per_step: int,
                            micro_steps: int) -> float:
     """Modelled time per token: compute at ASSUMED_MFU of the GPU's peak (+ recompute for checkpointing and the
-    chunked loss), host<->device copies for offload at PCIE_BYTES_PER_S, and DeepSpeedCPUAdam on the host."""
+    chunked loss, and exact clipping's measuring pass: twice the compute, measured 1.8x the time on the CPU,
+    benchmarks/results/clip_in_backward), host<->device copies for offload at PCIE_BYTES_PER_S, and DeepSpeedCPUAdam on the host."""
     n_layer, n_embd, _ = GPT2_SIZES.get(req.model, GPT2_SIZES["gpt2-xl"])
     recompute = 1.0 / a.checkpoint_every if a.checkpoint_every else 0.0
     fpt = flops_per_token(n_params, n_layer, n_embd, req.seq_len, recompute, lora=req.lora)
     if a.chunked_loss:
         fpt += 2 * VOCAB * n_embd  # lm_head forward again in backward
+    if s.in_backward and req.clip_in_backward == "exact":
+        fpt *= 2  # a measuring forward+backward (with its recompute) before the stepping one
     seconds = fpt * tokens_per_step / (req.gpu.peak_tflops * 1e12 * ASSUMED_MFU)
     shard = n_params / req.gpus
     if s.offload_optimizer:

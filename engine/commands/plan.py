@@ -40,6 +40,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
     p.add_argument("--global-batch", type=int, help="sequences per optimizer step over all GPUs (default: the micro-batch)")
     p.add_argument("--lora", action="store_true", help="plan LoRA (r=16) instead of full fine-tuning")
+    p.add_argument("--clip-in-backward", choices=("stale", "exact"), default="stale",
+                   help="how the in-backward candidates clip (optim.clip_in_backward): stale (default) costs no time, "
+                        "exact runs a measuring pass first (about twice the compute)")
     p.add_argument("--write", metavar="FILE", help="where to write the recommended config (default plan-<model>.yaml)")
     p.add_argument("--workers", type=int, help="simulation processes (default: CPU cores, at most 4)")
 
@@ -61,7 +64,7 @@ def request_from_args(args) -> Request:
         raise ConfigError(f"--global-batch {args.global_batch} is smaller than --gpus {args.gpus}")
     return Request(model=args.model, gpu=gpu, gpus=args.gpus,
                    host_bytes=parse_size(args.host_mem) if args.host_mem else None, seq_len=args.seq_len,
-                   global_batch=args.global_batch, lora=args.lora)
+                   global_batch=args.global_batch, lora=args.lora, clip_in_backward=args.clip_in_backward)
 
 
 def run(args) -> int:

@@ -1,0 +1,98 @@
+"""The speed options at the same memory: selective activation checkpointing (memory.checkpoint_policy=selective)
+against full recompute and none. Recompute replays the block's forward with the same random numbers, so losses and
+gradients agree within the precision's reduction-order tolerance (PARITY_TOL of test_training.py); the memory tracker
+shows where selective sits between none and full."""
+
+import contextlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from conftest import precisions, run_inprocess
+from engine.config import validate_dict
+from engine.errors import ConfigError
+from engine.loss import lm_loss_sum
+from engine.memory.tracker import MemoryTracker
+from engine.model import build_model
+from test_training import PARITY_TOL
+
+NONE, FULL = {}, {"activation_checkpointing": True}
+SELECTIVE = {"activation_checkpointing": True, "checkpoint_policy": "selective"}
+
+
+def one_backward(memory: dict, precision: str = "fp32", fake: bool = False, dropout: float = 0.1):
+    """A 3-layer GPT-2's loss, gradients (by name) and tracked peak breakdown after one forward+backward (dropout
+    on: recompute must replay the masks)."""
+    cfg = validate_dict({"model": {"init": "random", "n_layer": 3, "n_embd": 64, "n_head": 4, "n_positions": 64,
+                                   "dropout": dropout}, "data": {"block_size": 64},
+                         "memory": {**memory, "precision": precision}})
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        torch.manual_seed(0)
+        model = build_model(cfg, 1000)
+        x = torch.randint(0, 1000, (4, 64))
+        tracker = MemoryTracker()
+        tracker.track_model(model)
+        with tracker, torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            torch.manual_seed(1)
+            loss_sum, n = lm_loss_sum(model, {"input_ids": x, "labels": x})
+            (loss_sum / n).backward()
+    grads = {} if fake else {k: p.grad.clone() for k, p in model.named_parameters()}
+    return (None if fake else loss_sum.item()), grads, dict(tracker.peak_breakdown)
+
+
+@pytest.mark.parametrize("precision", precisions("fp32", "bf16"))
+def test_selective_recompute_gives_the_gradients_of_no_recompute(precision):
+    """Loss and every gradient with selective recompute equal those without recompute and with full recompute."""
+    loss0, grads0, _ = one_backward(NONE, precision)
+    for memory in (FULL, SELECTIVE):
+        loss, grads, _ = one_backward(memory, precision)
+        assert loss == pytest.approx(loss0, abs=PARITY_TOL[precision])
+        for name, g in grads.items():
+            torch.testing.assert_close(g, grads0[name], rtol=0, atol=PARITY_TOL[precision], msg=name)
+
+
+def test_selective_keeps_less_than_none_and_more_than_full():
+    """Tracked activations at the peak (fake tensors: the simulator's view, which the real run matches):
+    none > selective > full, selective keeping the matmul and attention outputs full recompute drops."""
+    acts = {name: one_backward(mem, fake=True)[2]["activations"]
+            for name, mem in (("none", NONE), ("full", FULL), ("selective", SELECTIVE))}
+    assert acts["none"] > acts["selective"] > acts["full"], acts
+    real = one_backward(SELECTIVE)[2]["activations"]
+    assert real == pytest.approx(acts["selective"], rel=0.01)
+
+
+@pytest.mark.parametrize("precision", precisions("fp32", "bf16"))
+def test_selective_recompute_trains_as_full_over_20_steps(corpus, tmp_path, precision):
+    """20 steps with dropout on: the losses of selective and full recompute agree within PARITY_TOL."""
+    common = {"model": {"dropout": 0.1}, "train": {"max_steps": 20}}
+    _, full = run_inprocess(corpus, tmp_path / "full", memory={**FULL, "precision": precision}, **common)
+    _, selective = run_inprocess(corpus, tmp_path / "sel", memory={**SELECTIVE, "precision": precision}, **common)
+    torch.testing.assert_close(torch.tensor(selective), torch.tensor(full), rtol=0, atol=PARITY_TOL[precision])
+
+
+# The memory features selective recompute composes with, each trained 6 steps with full and with selective recompute.
+COMPOSED = {
+    "in-backward 8-bit AdamW": ({"optimizer_in_backward": True}, {"name": "adamw_8bit", "grad_clip": 1.0}, "fp32"),
+    "bf16 weights + 8-bit AdamW in backward": ({"optimizer_in_backward": True, "master_weights": "bf16"},
+                                               {"name": "adamw_8bit", "grad_clip": 1.0}, "bf16"),
+    "bf16 weights + 4-bit AdamW in backward": ({"optimizer_in_backward": True, "master_weights": "bf16"},
+                                               {"name": "adamw_4bit", "grad_clip": 1.0}, "bf16"),
+    "LoRA": ({"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}}, {}, "fp32"),
+    "QLoRA": ({"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "quantize_base": "nf4"}}, {}, "bf16"),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(k, marks=precisions(v[2])[0].marks) for k, v in COMPOSED.items()])
+def test_selective_recompute_composes(corpus, tmp_path, name):
+    memory, optim, precision = COMPOSED[name]
+    losses = [run_inprocess(corpus, tmp_path / policy, optim=optim,
+                            memory={**memory, **mem, "precision": precision})[1]
+              for policy, mem in (("full", FULL), ("selective", SELECTIVE))]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=PARITY_TOL[precision])
+
+
+def test_selective_needs_checkpointing():
+    with pytest.raises((ConfigError, ValueError), match="activation_checkpointing=false: enable it"):
+        validate_dict({"memory": {"checkpoint_policy": "selective"}})
