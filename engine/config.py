@@ -234,6 +234,12 @@ class TrainConfig(Section):
         "auto", description="auto: deepspeed under a distributed launcher or with ZeRO > 0, else plain torch."
     )
     deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON merged over the generated one.")
+    compile_blocks: bool = Field(
+        False, description="torch.compile each transformer block in place (regional compilation: one block's code "
+        "compiled once and reused by every block; checkpointing, full or selective, compiled with it). The first "
+        "step pays the compile (logged, and compile_s in metrics.jsonl); torch's inductor cache "
+        "(TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_<user>) makes later runs of the same shapes load it."
+    )
     preflight: bool = Field(
         True, description="Before loading the model, simulate this run's peak memory and stop if it cannot fit the "
         "free GPU memory (CPU: available RAM)."
@@ -444,6 +450,9 @@ def check_combinations(cfg: RunConfig) -> None:
         raise ValueError("memory.loss_chunk_size calls the LM head outside ZeRO-3's gather hooks: use zero_stage<=2 or unset it")
     if m.checkpoint_every_n_layers > 1 and not m.activation_checkpointing:
         raise ValueError("memory.checkpoint_every_n_layers is set but memory.activation_checkpointing=false: enable it or remove the key")
+    if t.compile_blocks and cfg.logging.track_memory:
+        raise ValueError("train.compile_blocks runs compiled kernels the memory tracker cannot see (logging.track_memory "
+                         "sees eager ops only): turn one of them off")
     if m.checkpoint_policy != "full" and not m.activation_checkpointing:
         raise ValueError(f"memory.checkpoint_policy={m.checkpoint_policy} is set but memory.activation_checkpointing=false: "
                          "enable it or remove the key")

@@ -179,6 +179,32 @@ def apply_activation_checkpointing(model: nn.Module, every_n_layers: int, policy
     model.config.use_cache = False
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """train.compile_blocks: `torch.compile` every transformer block in place (`nn.Module.compile`: names and state
+    dict unchanged). Compiled around the block's whole call, so activation checkpointing (HF's, inside the block's
+    forward) is traced with it and a selective policy goes to the compiler's partitioner; the blocks share one code
+    object, so the first compiles and the rest reuse it. Compilation happens at the first step. Returns the blocks.
+
+    Dynamo's in-process cache is reset first: every block of every model shares that code object, and its
+    recompile limit (8 guard sets) would otherwise be used up by earlier runs in the process (a sweep), after which
+    blocks run eager. A repeat of the same shapes then loads from inductor's disk cache, in seconds."""
+    torch._dynamo.reset()
+    blocks = unwrap(model, through_peft=True).transformer.h
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def compile_seconds() -> float:
+    """Wall seconds torch.compile has spent in this process so far (dynamo's own count; 0 before any compile)."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        return float(calculate_time_spent().get("total_wall_time", 0.0))
+    except (ImportError, AttributeError):  # a torch without the counter: the compile time is not reported
+        return 0.0
+
+
 def apply_freeze(model: nn.Module, embeddings: bool, first_n_blocks: int) -> None:
     tr = model.transformer
     if embeddings:

@@ -47,7 +47,7 @@ from engine.guards import BadStepGuard, StopSignal
 from engine.memory.meter import MemoryMeter
 from engine.memory.tracker import CUDA_BLOCK, MemoryTracker
 from engine.metrics import eval_line, evaluate_classifier, lm_metrics, rank_share
-from engine.model import build_model, parameter_counts
+from engine.model import build_model, compile_blocks, compile_seconds, parameter_counts
 from engine.preflight import preflight
 from engine.report import open_tensorboard, plot_run
 from engine.resume import ResumePlan, plan_resume, run_layout
@@ -248,6 +248,8 @@ class TrainingRecipe:
         model = build_model(cfg, vocab_size=len(tok), special_ids={
             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
         self.counts = parameter_counts(model)
+        if cfg.train.compile_blocks:  # after every module swap (LoRA, NF4), before DeepSpeed wraps the model
+            self.compiled_blocks, self.compile_start = compile_blocks(model), compile_seconds()
         self.backend = make_backend(cfg, env, model, self.total_steps)
         self.guard = BadStepGuard(cfg.train.max_bad_steps)
         self.stopper = EarlyStopping(cfg.eval.early_stopping)
@@ -288,6 +290,7 @@ class TrainingRecipe:
         """Steps until the last one, an early stop or a stop signal; returns the preemption checkpoint, if any."""
         st, backend = self.state, self.backend
         self.log, self.start_step, self.first_loss, self.last_loss = log, st.step, None, None
+        self.compile_s = 0.0  # seconds torch.compile has taken in this run (train.compile_blocks)
         self.meter = MemoryMeter(backend.device)
         log.open(st.step, self.resume_from is not None, backend)
         try:
@@ -331,6 +334,13 @@ class TrainingRecipe:
         tracked = self.log.tracked()
         if tracked is not None:
             rec["tracked"] = tracked
+        if self.cfg.train.compile_blocks:  # compiling happens in the steps that need it (the first, a new shape)
+            spent = round(compile_seconds() - self.compile_start, 2)
+            if spent != self.compile_s:
+                if self.compile_s == 0:
+                    say(self.env, f"compiled {self.compiled_blocks} blocks in {spent:.1f} s (torch.compile, at step "
+                                  f"{self.state.step})")
+                self.compile_s = rec["compile_s"] = spent
         self.log.record(rec)
         self.log.step_done(self.state.step, stats, tps)
 
@@ -434,6 +444,8 @@ class TrainingRecipe:
         """After the loop: final evals, checkpoint and export, the sample, summary.json; the plots after the log."""
         summary = {"steps": self.state.step, "first_loss": self.first_loss, "last_loss": self.last_loss,
                    "tokens_seen": self.state.tokens_seen, **self.meter.readings(), "params": self.counts}
+        if self.cfg.train.compile_blocks:
+            summary["compile_s"] = self.compile_s
         tracked = self.log.tracker.summary() if self.log.tracker is not None else None
         if tracked is not None:
             summary["tracked_memory"] = tracked
