@@ -58,6 +58,7 @@ DOMAINS = {"docs": (DATA / "docs" / "train.txt", DATA / "docs" / "valid.txt"),
 LRS = {"preset": (1e-5, 2e-4), "high": (5e-4, 2.5e-3)}  # (full fine-tune, adapters)
 TOLERANCE_PCT = 1.0
 
+from engine.devices import cpu_name  # noqa: E402
 from engine.recipes import CATALOG, precision  # noqa: E402
 
 FP32, BF16 = precision("fp32"), precision("bf16")
@@ -98,18 +99,6 @@ SIZES = {
                      "model.n_positions=128"], 4, 0, 20, 1e-4, [1]),
 }
 BLOCK = 128
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def engine_train(overrides: list[str], out: Path, threads: int | None = None) -> dict:

@@ -45,6 +45,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.devices import cpu_name  # noqa: E402
 from engine.recipes import CATALOG  # noqa: E402
 
 MIB = 2**20
@@ -337,7 +338,7 @@ def environment(argv: list[str]) -> dict:
     import torch
     import transformers
 
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
     return {"device": dev, "torch": torch.__version__, "transformers": transformers.__version__,
             "deepspeed": deepspeed.__version__, "python": platform.python_version(),
             "command": " ".join([".venv/bin/python", "benchmarks/run.py", *argv]), "date": time.strftime("%Y-%m-%d")}

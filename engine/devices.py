@@ -90,3 +90,20 @@ def resolve_precision(precision: str, device: torch.device, cuda_bf16: bool | No
     if found:
         return "bf16", f"this CPU multiplies bf16 natively ({'/'.join(found)})"
     return "fp32", "this CPU has no native bf16 matmul (no AMX or avx512-bf16): bf16 would be emulated and slower"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo) and its native bf16 features, for measured figures to say where they
+    came from (machines of one model name differ in them)."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    found = [f for f in CPU_BF16_FEATURES if f in cpu_features()]
+    return f"{name} ({'/'.join(found) if found else 'no native bf16'})"
