@@ -129,7 +129,8 @@ def run_one(name: str, overrides: list[str], mode: str, kernel: str, steps: int,
     from engine.memory.measure import measure
 
     m = measure(cfg, steps=steps, warmup=1)
-    row.update(kernel="measured", peak_mib=m.peak_bytes / MIB, peak_rss_mib=m.peak_rss_bytes / MIB,
+    tracked = not cfg.train.compile_blocks  # compiled kernels are invisible to the tracker: peak RSS only
+    row.update(kernel="measured", peak_mib=m.peak_bytes / MIB if tracked else None, peak_rss_mib=m.peak_rss_bytes / MIB,
                step_seconds=m.step_seconds, tokens_per_s=m.tokens_per_s, useful_tokens_per_s=m.tokens_per_s,
                mfu=m.mfu, **{f"{c}_mib": m.breakdown.get(c, 0) / MIB for c in CATEGORIES})
     return row
@@ -233,7 +234,7 @@ def write_reports(rows: list[dict], out: Path, matrix: dict, env: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = next((r for r in rows if r["name"].startswith("baseline") and "peak_mib" in r), None)
     for r in rows:
-        if base and "peak_mib" in r:
+        if base and r.get("peak_mib") is not None:
             r["memory_vs_baseline"] = r["peak_mib"] / base["peak_mib"]
             if r.get("useful_tokens_per_s") and base.get("useful_tokens_per_s"):
                 r["useful_tps_vs_baseline"] = r["useful_tokens_per_s"] / base["useful_tokens_per_s"]
@@ -297,8 +298,10 @@ def plot(rows: list[dict], out: Path, matrix: dict, measured: bool) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if "peak_mib" in r]
+    ok = [r for r in rows if r.get("peak_mib") is not None]  # (compiled rows: not tracked, no breakdown)
+    tp = [r for r in rows if "error" not in r and r.get("useful_tokens_per_s")]
     if not ok:
+        plot_throughput(tp, out, matrix)
         return
     names = [r["name"] for r in ok]
     gib = max(r["peak_mib"] for r in ok) >= 2048
@@ -321,7 +324,12 @@ def plot(rows: list[dict], out: Path, matrix: dict, measured: bool) -> None:
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=120)
     plt.close(fig)
-    tp = [r for r in ok if r.get("useful_tokens_per_s")]
+    plot_throughput(tp, out, matrix)
+
+
+def plot_throughput(tp: list[dict], out: Path, matrix: dict) -> None:
+    import matplotlib.pyplot as plt
+
     if tp:
         fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(tp) + 2), 4.5))
         ax.bar([r["name"] for r in tp], [r["useful_tokens_per_s"] for r in tp], color="#4C72B0")

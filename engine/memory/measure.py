@@ -19,7 +19,7 @@ from engine.devices import pick_device, resolve_precision, return_freed_host_mem
 from engine.distributed import DistEnv
 from engine.memory.meter import peak_rss_bytes
 from engine.memory.tracker import MemoryTracker
-from engine.model import build_model, parameter_counts
+from engine.model import build_model, compile_blocks, parameter_counts
 
 
 def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq: int, recompute_fraction: float = 0.0,
@@ -98,6 +98,9 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
         torch.cuda.reset_peak_memory_stats(device)
     model = build_for(cfg, device)
     counts = parameter_counts(model)
+    if cfg.train.compile_blocks:  # as `engine train` does; the warm-up step compiles
+        compile_blocks(model)
+        track = False  # the tracker (a dispatch mode) cannot see compiled kernels: peak RSS / CUDA stats only
     backend = make_backend(cfg, DistEnv(), model, total_steps=steps + warmup)
     tracker = MemoryTracker()
     if track:
@@ -120,7 +123,9 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
     step_s = times[len(times) // 2]
     n_layer, n_embd = model_shape(cfg)
     mem = cfg.memory
-    recompute = (1.0 / mem.checkpoint_every_n_layers) if mem.activation_checkpointing else 0.0
+    # (selective recompute re-runs only ops without matmuls: no FLOPs counted)
+    recompute = (1.0 / mem.checkpoint_every_n_layers) if mem.activation_checkpointing and \
+        mem.checkpoint_policy == "full" else 0.0
     fpt = flops_per_token(counts["total"], n_layer, n_embd, seq, recompute, lora=mem.lora.enabled)
     tps = micro * seq * accum / step_s
     cuda_stats = {}
