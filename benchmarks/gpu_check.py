@@ -63,6 +63,12 @@ RECIPES = {
     "adamw fp16": (None, [*recipe("adamw").overrides, *precision("fp16")]),
     "zero2 1 rank": (None, [*zero(2)]),
     "zero3 1 rank": (None, [*zero(3)]),
+    # the speed options on the T4 recipe (its checkpointing made selective; its blocks compiled): what they cost in
+    # memory and buy in speed on a GPU (the compiled rows' first step compiles; measured steps come after it)
+    "t4 preset, selective recompute": ("gpt2-xl_full_t4", ["memory.checkpoint_policy=selective"]),
+    "t4 preset, compiled blocks": ("gpt2-xl_full_t4", ["train.compile_blocks=true"]),
+    "t4 preset, selective + compiled": ("gpt2-xl_full_t4", ["memory.checkpoint_policy=selective",
+                                                            "train.compile_blocks=true"]),
 }
 
 

@@ -179,10 +179,37 @@ def summarise(runs: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def overview(rows: list[dict]) -> list[str]:
+    """One line per recipe, one column per (domain, lr): its gap to the clipped reference (QLoRA: to LoRA), in bold
+    where it misses the 1% bar; the reference's own loss in its row."""
+    cells = [(d, lr) for d in DOMAINS for lr in LRS if any(r["domain"] == d and r["lr"] == lr for r in rows)]
+    by = {(r["domain"], r["lr"], r["recipe"]): r for r in rows}
+    lines = ["| recipe | " + " | ".join(f"{d}, {lr} lr" for d, lr in cells) + " |", "|---|" + "---:|" * len(cells)]
+    for recipe in RECIPES:
+        if not any((d, lr, recipe) in by for d, lr in cells):
+            continue
+        out = []
+        for d, lr in cells:
+            r = by.get((d, lr, recipe))
+            paired = PAIRED.get(recipe)
+            key = f"gap_pct_vs_{paired}" if paired else "gap_pct_vs_reference"
+            if r is None or (recipe != "reference" and key not in r):
+                out.append("")
+            elif recipe == "reference":
+                out.append(f"{r['val_loss']:.4f}")
+            else:
+                gap = f"{r[key]:+.2f}%" + (f" vs {paired}" if paired else "")
+                out.append(gap if r["within_1pct"] or recipe == "reference_noclip" else f"**{gap}**")
+        lines.append(f"| {recipe} | " + " | ".join(out) + " |")
+    return lines
+
+
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [f"# Fine-tuning quality vs the fp32-master AdamW reference ({env['size']})", "",
              f"{env['device']}; torch {env['torch']}; {env['date']}; `{env['command']}` (runs recorded over "
-             "several invocations are read back)", ""]
+             "several invocations are read back)", "",
+             "Final validation loss against the clipped reference (its own loss in its row), mean over the seeds; "
+             "bold: over 1%.", "", *overview(rows), ""]
     for domain in DOMAINS:
         for lr_name, (lr_full, lr_adapter) in LRS.items():
             sub = [r for r in rows if r["domain"] == domain and r["lr"] == lr_name]

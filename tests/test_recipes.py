@@ -128,7 +128,9 @@ def test_benchmark_recipes_are_what_they_were():
         "memory.lora.quantize_base": "nf4", "train.global_batch_size": "null"}
     assert single_device.RECIPES["adamw_4bit"] == (["--config", "gpt2-xl_full_8gb"], ["optim.name=adamw_4bit"])
     assert list(gpu_check.RECIPES) == ["t4 preset", "8gb preset", "qlora preset", "adafactor bf16 weights", "adamw",
-                                       "adamw8bit+ckpt", "lora preset", "adamw fp16", "zero2 1 rank", "zero3 1 rank"]
+                                       "adamw8bit+ckpt", "lora preset", "adamw fp16", "zero2 1 rank", "zero3 1 rank",
+                                       "t4 preset, selective recompute", "t4 preset, compiled blocks",
+                                       "t4 preset, selective + compiled"]
     assert gpu_check.RECIPES["adamw8bit+ckpt"] == (None, ["optim.name=adamw_8bit", "memory.activation_checkpointing=true"])
     assert gpu_check.RECIPES["adamw fp16"] == (None, ["optim.name=adamw", "memory.precision=fp16"])
     assert gpu_check.RECIPES["zero3 1 rank"] == (None, ["memory.zero_stage=3"])
