@@ -9,6 +9,7 @@ Compiled blocks (train.compile_blocks) against eager: the compiler fuses and reo
 COMPILE_TOL, with dropout off (compiled dropout draws its masks from the same generator, but not the same masks)."""
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -178,6 +179,23 @@ def test_compiled_blocks_still_free_each_gradient_when_it_is_used(corpus, tmp_pa
     assert compile_seconds() > 0  # and the blocks were compiled
 
 
-def test_compiled_blocks_refuse_the_memory_tracker():
+def test_compiled_blocks_refuse_the_memory_tracker_and_zero3():
     with pytest.raises((ConfigError, ValueError), match="memory tracker cannot see"):
         validate_dict({"train": {"compile_blocks": True}, "logging": {"track_memory": True}})
+    with pytest.raises((ConfigError, ValueError), match="use zero_stage<=2, or turn compile_blocks off"):
+        validate_dict({"train": {"compile_blocks": True}, "memory": {"zero_stage": 3}})
+
+
+@pytest.mark.slow
+def test_the_speed_options_compose_with_zero(two_ranks):
+    """2 ranks under the deepspeed launcher (the shared chain, tests/two_ranks.py): selective recompute on ZeRO-3 and
+    selective + compiled blocks on ZeRO-1 train as the same ZeRO stage without them (6 steps)."""
+    from conftest import train_losses
+
+    for run, ref, tol in (("zero3_selective", "zero3", PARITY_TOL["fp32"]),
+                          ("zero1_selective_compiled", "zero1", COMPILE_TOL["fp32"])):
+        losses, ref_losses = train_losses(two_ranks[run]), train_losses(two_ranks[ref])[:6]
+        assert len(losses) == 6
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=tol, msg=run)
+    summary = json.loads((two_ranks["zero1_selective_compiled"] / "summary.json").read_text())
+    assert summary["compile_s"] > 0

@@ -40,6 +40,13 @@ def layout(stage: int = 0, ranks: int = 1, in_backward: bool = False, precision:
             **extra}
 
 
+def speed_layout(stage: int, **extra) -> dict:
+    """`layout` with selective activation checkpointing (and what `extra` adds: compiled blocks)."""
+    lay = layout(stage, 2, **extra)
+    lay["memory"].update(activation_checkpointing=True, checkpoint_policy="selective")
+    return lay
+
+
 def ckpt(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step-{step:07d}"
 
@@ -82,6 +89,10 @@ def chain(root: Path) -> list[tuple[str, dict, dict | None]]:
                        "activation_checkpointing": True, "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}},
             "optim": {"name": "cpu_adam", "lr": 1e-2}, "train": {"micro_batch_size": 2, "max_steps": 4},
             "checkpoint": {"every_n_steps": 2}, "sample": {"max_new_tokens": 5}}, None),
+        # the speed options under ZeRO (tests/test_speed_options.py): selective recompute on ZeRO-3 against the plain
+        # ZeRO-3 run, selective + compiled blocks on ZeRO-1 against the plain ZeRO-1 run (ZeRO-3 refuses compile)
+        ("zero3_selective", speed_layout(3, train={"max_steps": 6}), None),
+        ("zero1_selective_compiled", speed_layout(1, train={"max_steps": 6, "compile_blocks": True}), None),
     ]
     if NATIVE_BF16:
         runs += [
