@@ -149,17 +149,29 @@ def fine_tune(base: list[str], domain: str, recipe: str, seed: int, micro: int, 
                         out, threads)
 
 
-def summarise(runs: dict[str, dict]) -> list[dict]:
-    """One row per (domain, lr, recipe) over its seeds, with its gaps to the clipped and unclipped references."""
+def cell_base(runs: dict[str, dict], domain: str, lr: str, prefer: str | None) -> str | None:
+    """The base a (domain, lr) cell is reported from: `prefer` (this invocation's) where the cell has runs from it,
+    else the base most of its runs came from. Gaps compare runs of one base only."""
+    bases = [r["base"] for k, r in runs.items() if k.startswith(f"{domain}/{lr}/")]
+    if not bases:
+        return None
+    return prefer if prefer in bases else max(set(bases), key=bases.count)
+
+
+def summarise(runs: dict[str, dict], prefer_base: str | None = None) -> list[dict]:
+    """One row per (domain, lr, recipe) over its seeds, with its gaps to the clipped and unclipped references; each
+    (domain, lr) cell from one base (`cell_base`)."""
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for key, r in sorted(runs.items()):
         domain, lr, recipe, _ = key.split("/")
-        groups.setdefault((domain, lr, recipe), []).append(r)
+        if r["base"] == cell_base(runs, domain, lr, prefer_base):
+            groups.setdefault((domain, lr, recipe), []).append(r)
     rows = []
     for (domain, lr, recipe), rs in groups.items():
         losses = [r["val_loss"] for r in rs]
         mean = statistics.mean(losses)
-        row = {"domain": domain, "lr": lr, "recipe": recipe, "overrides": RECIPES.get(recipe), "seeds": len(rs),
+        row = {"domain": domain, "lr": lr, "recipe": recipe, "base": rs[0]["base"], "overrides": RECIPES.get(recipe),
+               "seeds": len(rs),
                "val_loss": round(mean, 4), "val_loss_sd": round(statistics.stdev(losses), 4) if len(rs) > 1 else None,
                "val_ppl": round(statistics.mean(r["val_ppl"] for r in rs), 2),
                "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rs), 1),
@@ -215,7 +227,7 @@ def markdown(rows: list[dict], env: dict) -> str:
             sub = [r for r in rows if r["domain"] == domain and r["lr"] == lr_name]
             if not sub:
                 continue
-            lines += [f"## {domain}, lr {lr_name} ({lr_full:g}; adapters {lr_adapter:g})", "",
+            lines += [f"## {domain}, lr {lr_name} ({lr_full:g}; adapters {lr_adapter:g}); base {sub[0]['base']}", "",
                       "| recipe | seeds | final val loss (mean ± sd) | vs reference (clip 1.0) | vs its pair | "
                       "within 1% | vs reference without clipping | tokens/s (threads) |", "|---|---:|---:|---:|---:|:-:|---:|---:|"]
             for r in sub:
@@ -242,16 +254,16 @@ def base_fingerprint(base: list[str]) -> str:
     return "random init: " + " ".join(base)
 
 
-def read_recorded(path: Path, base: str) -> dict[str, dict]:
-    """The runs results.json already holds (key domain/lr/recipe/seed), or none. Runs fine-tuned from another base
-    are not mixed in: the gaps compare runs from one base."""
+def read_recorded(path: Path) -> dict[str, dict]:
+    """The runs results.json already holds (key domain/lr/recipe/seed), each with the base it was fine-tuned from
+    (runs recorded before that field: the file's base), or none."""
     if not path.is_file():
         return {}
     recorded = json.loads(path.read_text())
-    if recorded.get("env", {}).get("base") != base:
-        raise SystemExit(f"{path} holds runs fine-tuned from another base ({recorded.get('env', {}).get('base')}, "
-                         f"this one is {base}): move it away, or pass --out")
-    return recorded.get("runs", {})
+    runs = recorded.get("runs", {})
+    for r in runs.values():
+        r.setdefault("base", recorded.get("env", {}).get("base"))
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
            "pretrain_steps": pre_steps, "fine_tune_steps": steps, "block_size": BLOCK, "micro_batch": micro,
            "lrs": LRS, "base": base_fingerprint(base)}
     out.mkdir(parents=True, exist_ok=True)
-    runs = read_recorded(out / "results.json", env["base"])
+    # A run is done if it is recorded from this base. On another machine the base differs in its last bits: a cell
+    # started elsewhere is run again whole from this base, and reported from one base either way (cell_base).
+    runs = read_recorded(out / "results.json")
     todo = [(f"{domain}/{lr_name}/{recipe}/{seed}", domain, recipe, seed, LRS[lr_name][1 if is_adapter(recipe) else 0])
             for domain in args.domains or DOMAINS for lr_name in args.lrs or LRS for recipe in recipes
             for seed in seeds]
@@ -297,16 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         r = fine_tune(base, domain, recipe, seed, micro, steps, lr, work / key.replace("/", "-"),
                       () if pre_steps else ("eval.max_batches=8",), threads)  # gpt2-medium: 4k validation tokens
         with lock:
-            runs[key] = {"seed": seed, "date": env["date"], "threads": threads, **r}
+            runs[key] = {"seed": seed, "date": env["date"], "threads": threads, "base": env["base"], **r}
             print(f"{key:45s} val_loss {r['val_loss']:.4f} ({r['tokens_per_s']:,.0f} tok/s)", flush=True)
-            rows = summarise(runs)  # recorded after every run: an interrupted grid continues from here
+            rows = summarise(runs, env["base"])  # recorded after every run: an interrupted grid continues from here
             (out / "results.json").write_text(json.dumps({"env": env, "rows": rows, "runs": runs}, indent=2))
             (out / "results.md").write_text(markdown(rows, env))
 
     with ThreadPoolExecutor(args.jobs) as pool:  # each job one `engine train` process
-        for f in [pool.submit(one, *job) for job in todo if job[0] not in runs]:
+        for f in [pool.submit(one, *job) for job in todo if runs.get(job[0], {}).get("base") != env["base"]]:
             f.result()
-    print(markdown(summarise(runs), env))
+    print(markdown(summarise(runs, env["base"]), env))
     return 0
 
 
