@@ -95,9 +95,9 @@ def test_the_planner_offers_bf16_weights_on_every_gpu():
         req = Request(gpu=GPUS[gpu])
         bf16 = [s for s in strategies(req) if "bf16 weights" in s.name]
         assert len(bf16) == 3  # 8-bit, 4-bit AdamW, Adafactor
-        assert all("vs fp32-master AdamW" in s.quality for s in bf16)  # the measured gap, printed with a plan
-        over = {s.name for s in bf16 if "over 2%" in s.quality}
-        assert over == {s.name for s in bf16 if "Adafactor" in s.name}  # +3.62% at gpt2-medium size
+        # the measured gaps, printed with a plan; a recipe over the 1% bar would be marked in the table
+        assert all("vs fp32 AdamW clipped at 1.0" in s.quality for s in bf16)
+        assert all((s.quality_over is not None) == ("OVER 1%" in s.quality) for s in bf16)
         for s in bf16:
             cfg = load_config(None, ["model.init=random", *config_overrides(req, s, activation_choices(s)[0], 1, 1)])
             assert (cfg.memory.master_weights, cfg.memory.precision) == ("bf16", precision)

@@ -252,3 +252,17 @@ def test_plan_model_states_equal_deepspeed_estimators(strategy, stage):
         _, gpu, _ = estimate_zero3_model_states_mem_needs(n, 50257 * 1600, num_gpus_per_node=1, cpu_offload=True,
                                                          cpu_offload_params=True)
     assert states == gpu
+
+
+def test_a_recipe_over_the_quality_bar_is_marked_with_its_gap():
+    """LoRA misses 1% against a full fine-tune on the quality benchmark's domains (new vocabulary, frozen embeddings):
+    its note says OVER with the gap, and the table marks its rows; QLoRA, measured against LoRA, is not marked."""
+    from engine.plan import QUALITY_TOLERANCE_PCT, format_table, quality_worst
+
+    by = {s.name: s for s in strategies(Request(lora=True))}
+    lora = next(s for name, s in by.items() if name.startswith("LoRA"))
+    worst = quality_worst("lora")
+    assert worst[0] > QUALITY_TOLERANCE_PCT and lora.quality_over == worst[0] and "OVER 1%" in lora.quality
+    row = Row(lora, ActivationChoice("no checkpointing", None, False), 1, 1, GIB, GIB, 1.0, True, "")
+    assert f"[quality: {worst[0]:+.1f}% loss]" in format_table([row], row)
+    assert quality_worst("qlora")[0] <= QUALITY_TOLERANCE_PCT
