@@ -398,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
             if r.returncode in (-9, 137) or "out of memory" in r.stderr.lower() or "MemoryError" in r.stderr:
                 err = f"out of memory ({err})"
             rows.append({"name": job["name"], "error": err})
-        tqdm.write(f"{rows[-1]['name']}: " + (f"peak {rows[-1]['peak_mib']:,.0f} MiB" if "peak_mib" in rows[-1]
-                                               else rows[-1]["error"]))
+        r = rows[-1]
+        tqdm.write(f"{r['name']}: " + (r["error"] if "error" in r else f"peak {r['peak_mib']:,.0f} MiB"
+                                       if r.get("peak_mib") is not None else f"peak RSS {r['peak_rss_mib']:,.0f} MiB"))
     out = Path(args.out or ROOT / "benchmarks/results" / matrix.get("name", "bench"))
     write_reports(rows, out, matrix, environment(argv))
     print((out / "results.md").read_text())
