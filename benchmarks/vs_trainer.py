@@ -54,8 +54,12 @@ def settings(shape: str, precision: str, steps: int, seq: int, micro: int) -> li
 
 
 def engine_side(overrides: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "engine.cli", "train", *overrides, f"logging.output_dir={out}",
-           "logging.overwrite=true", "logging.progress=false", "logging.plots=false", "logging.tensorboard=false",
+    # The schema's defaults under the overrides, as the Trainer side reads them (load_config without a file), not
+    # `engine train`'s default preset (a small model).
+    out.mkdir(parents=True, exist_ok=True)
+    (out.parent / "no_preset.yaml").write_text("{}\n")
+    cmd = [sys.executable, "-m", "engine.cli", "train", "--config", str(out.parent / "no_preset.yaml"), *overrides,
+           f"logging.output_dir={out}", "logging.overwrite=true", "logging.log_every=1", "logging.progress=false", "logging.plots=false", "logging.tensorboard=false",
            "sample.max_new_tokens=0", "train.preflight=false", "checkpoint.every_n_steps=0"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:

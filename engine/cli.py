@@ -15,7 +15,6 @@ import warnings
 import torch
 
 from engine.commands import COMMANDS, add_parser
-from engine.devices import return_freed_host_memory
 from engine.errors import EngineError
 from engine.notices import library_log_path, library_notices_to_file
 
@@ -73,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         build_parser()[0].print_help()
         return 0
     _quiet_libraries()
-    return_freed_host_memory()
     try:
         with library_notices_to_file(library_log_path()):
             return args.run(args)

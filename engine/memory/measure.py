@@ -84,10 +84,15 @@ def build_for(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
     return build_model(cfg, 50257)
 
 
-def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True) -> Measurement:
+def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True, timed_steps: int | None = None
+            ) -> Measurement:
     """Run `steps` real optimizer steps of `cfg` on one device (either backend, one process) and measure them
-    (`memory.precision: auto` is resolved for the device, as `engine train` does)."""
-    return_freed_host_memory()  # peak RSS then follows the tensors (see its docstring)
+    (`memory.precision: auto` is resolved for the device, as `engine train` does).
+
+    The tracker (a dispatch mode) slows every op, so the step time is taken from `timed_steps` (default: `steps`)
+    further steps run without it; untracked (compiled blocks, or track=False), the `steps` themselves are timed."""
+    if cfg.memory.release_host_memory:
+        return_freed_host_memory()  # peak RSS then follows the tensors (see its docstring)
     device = pick_device(cfg.train.device)
     precision, _ = resolve_precision(cfg.memory.precision, device)
     cfg = cfg.updated({"memory.precision": precision})
@@ -101,24 +106,32 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
     if cfg.train.compile_blocks:  # as `engine train` does; the warm-up step compiles
         compile_blocks(model)
         track = False  # the tracker (a dispatch mode) cannot see compiled kernels: peak RSS / CUDA stats only
-    backend = make_backend(cfg, DistEnv(), model, total_steps=steps + warmup)
+    timed = (timed_steps or steps) if track else 0
+    backend = make_backend(cfg, DistEnv(), model, total_steps=warmup + steps + timed)
     tracker = MemoryTracker()
     if track:
         tracker.track_backend(backend)
     gen = torch.Generator().manual_seed(0)
+
+    def step() -> float:
+        x = torch.randint(0, 50257, (micro, seq), generator=gen)
+        batches = [{"input_ids": x, "labels": x, "n_tokens": micro * (seq - 1)} for _ in range(accum)]
+        t = time.perf_counter()
+        backend.train_step(batches)  # reads the loss: a host sync, so the time is the step's
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
     times = []
     with tracker if track else contextlib.nullcontext():
         for i in range(warmup + steps):
-            x = torch.randint(0, 50257, (micro, seq), generator=gen)
-            batches = [{"input_ids": x, "labels": x, "n_tokens": micro * (seq - 1)} for _ in range(accum)]
-            t = time.perf_counter()
-            backend.train_step(batches)  # reads the loss: a host sync, so the time is the step's
-            if cuda:
-                torch.cuda.synchronize()
+            dt = step()
             if i >= warmup:
-                times.append(time.perf_counter() - t)
+                times.append(dt)
             if track:
                 tracker.refresh_optimizers()
+    if timed:
+        times = [step() for _ in range(timed)]
     times.sort()
     step_s = times[len(times) // 2]
     n_layer, n_embd = model_shape(cfg)
