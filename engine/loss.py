@@ -92,22 +92,40 @@ class DeferredHeadWeightGrad:
 
 
 class _HeadLossWithDeferredWeightGrad(torch.autograd.Function):
-    """One chunk's summed cross-entropy; backward gives the hidden states' gradient now and hands the head weight's
-    to `DeferredHeadWeightGrad` (the weight is not an input, so autograd routes nothing to it from here)."""
+    """One chunk's summed cross-entropy; backward gives the hidden states' gradient and hands the head weight's to
+    `DeferredHeadWeightGrad` (the weight is not an input, so autograd routes nothing to it from here).
+
+    The hidden states' gradient of the chunk's loss is made in the forward, while its logits exist anyway (tokens x
+    hidden kept, not tokens x vocab), and scaled by the incoming gradient in backward: the chunk's head then runs
+    twice per step (here and for the weight gradient at the end of backward) instead of three times (one head
+    matmul of four saved, and one log-softmax). Under fp16 autocast the unscaled gradient could underflow in the
+    fp16 matmul, so there the loss scale is applied first, in backward, as autograd would."""
 
     @staticmethod
     def forward(ctx, hidden, labels, deferred: DeferredHeadWeightGrad):
-        ctx.save_for_backward(hidden, labels)
         ctx.deferred = deferred
-        return _ce_sum(deferred.head(deferred.weight.detach()), hidden, labels)
+        head = deferred.head(deferred.weight.detach())
+        ctx.in_forward = not (deferred.autocast.enabled and deferred.autocast.dtype == torch.float16)
+        if not ctx.in_forward:
+            ctx.save_for_backward(hidden, labels)
+            return _ce_sum(head, hidden, labels)
+        h = hidden.detach().requires_grad_()
+        with torch.enable_grad():  # (forward of a Function runs under no_grad; autocast is the caller's)
+            loss = _ce_sum(head, h, labels)
+            (grad_hidden,) = torch.autograd.grad(loss, h)
+        ctx.save_for_backward(hidden, labels, grad_hidden)
+        return loss.detach()
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, labels = ctx.saved_tensors
-        h = hidden.detach().requires_grad_()
-        with torch.enable_grad(), ctx.deferred.autocast.enter():
-            loss = _ce_sum(ctx.deferred.head(ctx.deferred.weight.detach()), h, labels)
-        (grad_hidden,) = torch.autograd.grad(loss, h, grad)
+        hidden, labels, *made = ctx.saved_tensors
+        if ctx.in_forward:
+            grad_hidden = made[0] * grad
+        else:
+            h = hidden.detach().requires_grad_()
+            with torch.enable_grad(), ctx.deferred.autocast.enter():
+                loss = _ce_sum(ctx.deferred.head(ctx.deferred.weight.detach()), h, labels)
+            (grad_hidden,) = torch.autograd.grad(loss, h, grad)
         ctx.deferred.wait(hidden.detach(), labels, grad.detach())
         return grad_hidden, None, None
 

@@ -34,21 +34,31 @@ def grads(model, chunk, defer, autocast_dtype=None) -> tuple[float, dict[str, to
     return float(loss.detach()), {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("weights, autocast, rtol", [
-    (torch.float32, None, 1e-5),  # fp32: the same sum in another order
-    (torch.float32, torch.bfloat16, 1e-2),  # fp32 masters, bf16 compute: 16-bit chunk grads summed in fp32 either way
-    (torch.bfloat16, torch.bfloat16, 2e-2),  # bf16 weights: the bf16 sum's rounding depends on the order
+@pytest.mark.parametrize("weights, autocast", [
+    (torch.float32, None),  # fp32: the same sum in another order
+    (torch.float32, torch.bfloat16),  # fp32 masters, bf16 compute
+    (torch.float32, torch.float16),  # fp16 compute: the hidden gradient made in backward, after the loss scale
+    (torch.bfloat16, torch.bfloat16),  # bf16 weights: the bf16 sums' rounding depends on the order
 ])
-def test_deferred_head_grad_equals_autograds(weights, autocast, rtol):
+def test_deferred_head_grad_equals_autograds(weights, autocast):
+    """fp32: equal to autograd's gradients up to summation order (1e-5). 16-bit: another rounding of the same sums
+    (the chunks' hidden gradients are made in the forward, unscaled, where bf16 rounds another product than
+    autograd's), so measured against the fp32 computation of the same weights: no further from it than autograd's own
+    16-bit gradients are, by more than a quarter of that error (measured: 1.0% vs autograd's 1.16%, bf16 compute)."""
     model = tiny_lm(dtype=weights)
     ref_loss, ref = grads(model, chunk=None, defer=False, autocast_dtype=autocast)
+    truth = grads(tiny_lm(dtype=weights).float(), chunk=None, defer=False)[1] if autocast else ref
+
+    def worst(a, b):  # the largest error of any tensor, relative to its largest entry
+        return max(float((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max()) for k in b)
+
     for chunk in (16, 33):
         loss, got = grads(model, chunk=chunk, defer=True, autocast_dtype=autocast)
         assert loss == pytest.approx(ref_loss, rel=1e-5 if weights == torch.float32 and not autocast else 1e-2)
-        for k in ref:
-            scale = ref[k].float().abs().max()
-            err = (got[k].float() - ref[k].float()).abs().max()
-            assert err <= rtol * scale, (k, float(err), float(scale))
+        if autocast is None:
+            assert worst(got, ref) <= 1e-5
+        else:
+            assert worst(got, truth) <= 1.25 * worst(ref, truth) + 1e-3, (worst(got, truth), worst(ref, truth))
     assert not model.transformer.wte.weight._backward_hooks  # the hook removes itself
 
 
