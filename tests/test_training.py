@@ -208,8 +208,12 @@ def test_optimizer_in_backward_matches_the_plain_step(corpus, tmp_path, optim, p
     a = AutoModelForCausalLM.from_pretrained(fused_run["export"]["model"]).eval()
     b = AutoModelForCausalLM.from_pretrained(plain_run["export"]["model"]).eval()
     x = torch.randint(0, 50257, (2, 24))
+    # 16-bit: the in-backward path's chunked loss makes its hidden gradients in the forward, unscaled, so 16-bit
+    # rounding falls on another product than the plain step's (tests/test_loss.py: as close to fp32); after 20 steps
+    # the logits measured up to 2.0e-3 apart in bf16
+    tol = 1e-3 if precision == "fp32" else 4e-3
     with torch.no_grad():
-        torch.testing.assert_close(a(x).logits, b(x).logits, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(a(x).logits, b(x).logits, atol=tol, rtol=1e-3)
 
 
 def test_optimizer_in_backward_rejects_accumulation(corpus, tmp_path):
