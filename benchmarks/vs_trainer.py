@@ -41,6 +41,7 @@ SHAPES = {  # shape: (model overrides, steps)
     "gpt2": (["model.name=gpt2"], 30),
 }
 BEST = ["train.compile_blocks=true"]
+NO_PRESET = "no_preset.yaml"  # in the runs folder: `engine train --config` it instead of the default preset
 
 
 def settings(shape: str, precision: str, steps: int, seq: int, micro: int) -> list[str]:
@@ -55,12 +56,10 @@ def settings(shape: str, precision: str, steps: int, seq: int, micro: int) -> li
 
 def engine_side(overrides: list[str], out: Path) -> dict:
     # The schema's defaults under the overrides, as the Trainer side reads them (load_config without a file), not
-    # `engine train`'s default preset (a small model).
-    out.mkdir(parents=True, exist_ok=True)
-    (out.parent / "no_preset.yaml").write_text("{}\n")
-    cmd = [sys.executable, "-m", "engine.cli", "train", "--config", str(out.parent / "no_preset.yaml"), *overrides,
-           f"logging.output_dir={out}", "logging.overwrite=true", "logging.log_every=1", "logging.progress=false", "logging.plots=false", "logging.tensorboard=false",
-           "sample.max_new_tokens=0", "train.preflight=false", "checkpoint.every_n_steps=0"]
+    # `engine train`'s default preset (a small model): an empty config file in its place.
+    cmd = [sys.executable, "-m", "engine.cli", "train", "--config", str(out.parent / NO_PRESET), *overrides,
+           f"logging.output_dir={out}", "logging.overwrite=true", "logging.log_every=1", "logging.progress=false",
+           "logging.plots=false", "logging.tensorboard=false", "sample.max_new_tokens=0", "train.preflight=false", "checkpoint.every_n_steps=0"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"engine train failed: {(r.stderr or r.stdout).strip().splitlines()[-3:]}")
@@ -155,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     work = out / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / NO_PRESET).write_text("{}\n")
     rows = []
     for shape in args.shape or SHAPES:
         steps = args.steps or SHAPES[shape][1]

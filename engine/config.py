@@ -164,7 +164,7 @@ class MemoryConfig(Section):
         "mmap threshold), so peak RSS follows the live tensors instead of every temporary a step ever freed (a "
         "gpt2-medium CPU step: 3.85 -> 1.57 GiB peak RSS for 1.12 GiB of tensors). Costs page faults on every large "
         "host allocation: a gpt2 fp32 CPU step 3.87 -> 4.86 s (2-core Xeon). For CPU training under a host RAM "
-        "budget; GPU steps make few host allocations, so the GPU presets set it for their 12 GB hosts.",
+        "budget; the GPU presets set it for their 12 GB hosts (its cost on a GPU step is not measured).",
     )
     optimizer_in_backward: bool = Field(
         False,

@@ -24,16 +24,18 @@ M_MMAP_THRESHOLD = -3
 HOST_MMAP_THRESHOLD = 1 << 20
 
 
-def return_freed_host_memory() -> bool:
-    """Make freed host blocks of 1 MiB and more go back to the OS at once (Linux, glibc).
+def return_freed_host_memory(release: bool = True) -> bool:
+    """`memory.release_host_memory`: with `release`, make freed host blocks of 1 MiB and more go back to the OS at
+    once (Linux, glibc); without, leave glibc's own behaviour.
 
     glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), after which blocks of
     that size come from the heap and stay with the process when freed: host RAM then holds every size of temporary
     a step ever freed. That was the gap between tracked tensors and process RSS: a gpt2-medium step (bf16 weights,
     Adafactor in backward) measured 3.85 GiB peak RSS for 1.12 GiB of tensors, 1.57 GiB with the threshold fixed at
-    1 MiB (this call); a gpt2 step 1.80 -> 0.99 GiB with the same glibc setting made by MALLOC_MMAP_THRESHOLD_,
-    step time unchanged (25.9 vs 26.0 s, another job sharing the CPU). A fixed threshold turns the adjustment off. Returns whether it was set (False on other platforms or C libraries)."""
-    if not sys.platform.startswith("linux"):
+    1 MiB (this call). The cost: every large host allocation then page-faults; a gpt2 fp32 CPU step took 4.86 s
+    instead of 3.87 s (2-core Xeon, 2026-12-03). A fixed threshold turns the adjustment off. Returns whether it was
+    set (False without `release`, on other platforms or C libraries)."""
+    if not release or not sys.platform.startswith("linux"):
         return False
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD))

@@ -491,8 +491,7 @@ def run_training(cfg: RunConfig, on_eval=None) -> dict:
     """`engine train`: the whole run; returns its summary (or, when a stop signal ended it, where it was saved).
     `on_eval(step, eval metrics)`: called at each periodic eval; True ends the run there (`RunPruned`)."""
     env = dist_env()
-    if cfg.memory.release_host_memory:
-        return_freed_host_memory()  # host RAM tracks the live tensors, not every temporary ever freed
+    return_freed_host_memory(cfg.memory.release_host_memory)  # host RAM then tracks the live tensors
     torch.manual_seed(cfg.train.seed)
     # SIGTERM/SIGINT during the run: finish the step, save, return (exit 0); handlers restored afterwards.
     with StopSignal() as stop:

@@ -83,6 +83,8 @@ import ctypes, sys
 from engine.devices import return_freed_host_memory
 if sys.argv[1] == "fixed":
     assert return_freed_host_memory()
+if sys.argv[1] == "off":  # memory.release_host_memory=false (the default): glibc left as it is
+    assert not return_freed_host_memory(False)
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free(ctypes.c_void_p(libc.malloc(16 << 20)))  # a freed 16 MiB block: glibc raises its threshold to 16 MiB
@@ -108,3 +110,4 @@ def test_freed_host_blocks_go_back_to_the_os():
                                         text=True, check=True).stdout.strip()
     assert probe("default") == "False"
     assert probe("fixed") == "True"
+    assert probe("off") == "False"

@@ -84,15 +84,13 @@ def build_for(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
     return build_model(cfg, 50257)
 
 
-def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True, timed_steps: int | None = None
-            ) -> Measurement:
+def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True) -> Measurement:
     """Run `steps` real optimizer steps of `cfg` on one device (either backend, one process) and measure them
     (`memory.precision: auto` is resolved for the device, as `engine train` does).
 
-    The tracker (a dispatch mode) slows every op, so the step time is taken from `timed_steps` (default: `steps`)
-    further steps run without it; untracked (compiled blocks, or track=False), the `steps` themselves are timed."""
-    if cfg.memory.release_host_memory:
-        return_freed_host_memory()  # peak RSS then follows the tensors (see its docstring)
+    The tracker (a dispatch mode) slows every op, so the step time is taken from `steps` further steps run without
+    it; untracked (compiled blocks, or track=False), the `steps` themselves are timed."""
+    return_freed_host_memory(cfg.memory.release_host_memory)  # peak RSS then follows the tensors (its docstring)
     device = pick_device(cfg.train.device)
     precision, _ = resolve_precision(cfg.memory.precision, device)
     cfg = cfg.updated({"memory.precision": precision})
@@ -106,7 +104,7 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True,
     if cfg.train.compile_blocks:  # as `engine train` does; the warm-up step compiles
         compile_blocks(model)
         track = False  # the tracker (a dispatch mode) cannot see compiled kernels: peak RSS / CUDA stats only
-    timed = (timed_steps or steps) if track else 0
+    timed = steps if track else 0
     backend = make_backend(cfg, DistEnv(), model, total_steps=warmup + steps + timed)
     tracker = MemoryTracker()
     if track:
