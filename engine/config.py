@@ -151,9 +151,10 @@ class MemoryConfig(Section):
     checkpoint_every_n_layers: int = Field(1, gt=0, description="Checkpoint every k-th block (1 = all): trades memory back for speed.")
     checkpoint_policy: Literal["full", "selective"] = Field(
         "full", description="What a checkpointed block keeps for backward. full: only its input, the whole block "
-        "recomputed (about one extra forward). selective: also what its matmuls and attention made, so backward "
-        "recomputes only the cheap ops (LayerNorm, GELU, bias and residual adds, dropout): part of the memory saving "
-        "at a small part of the recompute (engine.model.SELECTIVE_SAVE)."
+        "recomputed (about one extra forward). selective: also what its projections, MLP "
+        "and fused attention kernels made, so backward recomputes only the cheap ops (LayerNorm, GELU, bias and "
+        "residual adds, dropout; and the math attention path's score matmuls, whose seq x seq outputs cost more memory "
+        "than they save time): part of the memory saving at a small part of the recompute (engine.model.SELECTIVE_SAVE)."
     )
     fused_gelu: bool = Field(
         True, description="Replace GPT-2's 5-op GELU by one gelu(approximate='tanh'): same function, 3 fewer saved "

@@ -91,3 +91,28 @@ def test_the_heads_weight_gradient_is_not_held_through_the_blocks_backward():
     deferred, _ = _block_backward_peak(defer=True)
     head_grad = VOCAB * HIDDEN * 4
     assert held - deferred >= 0.95 * head_grad, (held, deferred, head_grad)
+
+
+def test_in_place_cross_entropy_gradient_equals_autograds_and_allocates_no_logits():
+    """`_ce_sum_and_grad`: the loss and the logits' gradient of F.cross_entropy + autograd (fp32, 1e-6 of the
+    largest entry), ignored rows zero, and no logits-sized buffer allocated beside the logits (memory tracker)."""
+    from engine.loss import IGNORE_INDEX, _ce_sum_and_grad
+
+    logits = torch.randn(24, VOCAB, generator=torch.Generator().manual_seed(2)) * 4
+    labels = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(3))
+    labels[[0, 5, 23]] = IGNORE_INDEX
+    x = logits.clone().requires_grad_()
+    ref_loss = torch.nn.functional.cross_entropy(x, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref_loss, x)
+    tracker = MemoryTracker()
+    work = logits.clone()
+    with tracker:  # (it counts `work` from its first use)
+        loss, grad = _ce_sum_and_grad(work, labels)
+    assert grad.data_ptr() == work.data_ptr()
+    assert float(loss) == pytest.approx(float(ref_loss.detach()), rel=1e-6)
+    assert float((grad - ref_grad).abs().max()) <= 1e-6 * float(ref_grad.abs().max())
+    assert not grad[[0, 5, 23]].any()
+    assert tracker.peak < 1.1 * work.numel() * 4, tracker.peak  # the logits and row vectors only
+    all_ignored = torch.full((24,), IGNORE_INDEX)
+    loss, grad = _ce_sum_and_grad(logits.clone(), all_ignored)
+    assert float(loss) == 0 and not grad.any()

@@ -134,7 +134,8 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
     step_s = times[len(times) // 2]
     n_layer, n_embd = model_shape(cfg)
     mem = cfg.memory
-    # (selective recompute re-runs only ops without matmuls: no FLOPs counted)
+    # (selective recompute re-runs the cheap ops, and on the math attention path its score matmuls, 4*L*h*s per
+    # token at most: not counted)
     recompute = (1.0 / mem.checkpoint_every_n_layers) if mem.activation_checkpointing and \
         mem.checkpoint_policy == "full" else 0.0
     fpt = flops_per_token(counts["total"], n_layer, n_embd, seq, recompute, lora=mem.lora.enabled)
