@@ -54,6 +54,13 @@ PCIE_BYTES_PER_S = 12e9
 CPU_ADAM_PARAMS_PER_S = 1.2e9
 # Fraction of the GPU's dense 16-bit peak a GPT-2 step reaches (only ratios matter; it cancels out of them).
 ASSUMED_MFU = 0.4
+# Step time with every block checkpointed, over the same step without checkpointing, by checkpoint policy; and with
+# compiled blocks (train.compile_blocks), over the same step eager, by policy ("none": no checkpointing). Measured on
+# the 2-core Xeon (AMX): benchmarks/results/speed_options (gpt2, 2 x 512, fp32; tokens/s of one row over another's,
+# one run); tests/test_plan.py holds them to that file. Assumed to hold on GPUs, where they are not measured yet
+# (benchmarks/gpu_check.py has the rows): there the fused attention kernels make selective recompute cheaper still.
+RECOMPUTE_TIME = {"full": 1.33, "selective": 1.35}
+COMPILE_TIME = {"none": 1.12, "full": 0.95, "selective": 0.87}
 
 
 def parse_size(text: str) -> int:
@@ -78,6 +85,7 @@ class Request:
     lora: bool = False
     max_micro: int = 64
     clip_in_backward: str = "stale"  # optim.clip_in_backward for the in-backward candidates (exact: two passes)
+    compile_blocks: bool = False  # plan with train.compile_blocks (not under ZeRO-3, which it cannot compile)
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,13 @@ class ActivationChoice:
     name: str
     checkpoint_every: int | None  # None: no checkpointing
     chunked_loss: bool
+    policy: str = "full"  # memory.checkpoint_policy of the checkpointed blocks
+
+    def time_factor(self, compiled: bool) -> float:
+        """Measured step-time factor of this way of holding activations (RECOMPUTE_TIME for the checkpointed
+        fraction of blocks) and, `compiled`, of compiling the blocks with it (COMPILE_TIME)."""
+        factor = 1.0 + (RECOMPUTE_TIME[self.policy] - 1.0) / self.checkpoint_every if self.checkpoint_every else 1.0
+        return factor * (COMPILE_TIME[self.policy if self.checkpoint_every else "none"] if compiled else 1.0)
 
 
 @dataclass
@@ -178,8 +193,10 @@ def candidate(r: Recipe) -> Strategy:
 
 
 def strategies(req: Request) -> list[Strategy]:
-    """How model states can be held for this request: the catalog's recipes for LoRA or not, one GPU or several."""
-    return [candidate(CATALOG[key]) for key in CANDIDATES[(req.lora, req.gpus > 1)]]
+    """How model states can be held for this request: the catalog's recipes for LoRA or not, one GPU or several
+    (with compiled blocks, none under ZeRO-3: its parameter gathering breaks the compiled graph)."""
+    out = [candidate(CATALOG[key]) for key in CANDIDATES[(req.lora, req.gpus > 1)]]
+    return [s for s in out if not (req.compile_blocks and s.zero_stage == 3)]
 
 
 def activation_choices(strategy: Strategy) -> list[ActivationChoice]:
@@ -190,6 +207,9 @@ def activation_choices(strategy: Strategy) -> list[ActivationChoice]:
     for k in (4, 2, 1):
         name = "checkpoint all blocks" if k == 1 else f"checkpoint 1 block in {k}"
         out.append(ActivationChoice(name + (" + chunked loss" if chunk_ok else ""), k, chunk_ok))
+    # Selective recompute sits between none and full: every block checkpointed, its matmul outputs kept.
+    out.append(ActivationChoice("selective recompute" + (" + chunked loss" if chunk_ok else ""), 1, chunk_ok,
+                                "selective"))
     return out
 
 
@@ -200,11 +220,13 @@ def config_overrides(req: Request, s: Strategy, a: ActivationChoice, micro: int,
           f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}", *s.overrides]
     ov.append(f"train.backend={'deepspeed' if needs_deepspeed(s.zero_stage, req.gpus) else 'torch'}")
     if a.checkpoint_every:
-        ov += checkpointing(a.checkpoint_every)
+        ov += checkpointing(a.checkpoint_every, a.policy)
     if a.chunked_loss:
         ov += chunked_loss(req.seq_len)
     if s.in_backward and req.clip_in_backward != "stale":
         ov.append(f"optim.clip_in_backward={req.clip_in_backward}")
+    if req.compile_blocks:
+        ov.append("train.compile_blocks=true")
     return ov
 
 
@@ -250,17 +272,18 @@ def host_bytes(n_params: int, zero_host: int, lora: bool) -> int:
 
 def step_seconds_per_token(req: Request, s: Strategy, a: ActivationChoice, n_params: int, tokens_per_step: int,
                            micro_steps: int) -> float:
-    """Modelled time per token: compute at ASSUMED_MFU of the GPU's peak (+ recompute for checkpointing and the
-    chunked loss, and exact clipping's measuring pass: twice the compute, measured 1.8x the time on the CPU,
-    benchmarks/results/clip_in_backward), host<->device copies for offload at PCIE_BYTES_PER_S, and DeepSpeedCPUAdam on the host."""
+    """Modelled time per token: compute at ASSUMED_MFU of the GPU's peak (+ the LM head again for the chunked loss,
+    and exact clipping's measuring pass: twice the compute, measured 1.8x the time on the CPU,
+    benchmarks/results/clip_in_backward), times the measured factor of recompute and compiled blocks
+    (`ActivationChoice.time_factor`), host<->device copies for offload at PCIE_BYTES_PER_S, and DeepSpeedCPUAdam on
+    the host."""
     n_layer, n_embd, _ = GPT2_SIZES.get(req.model, GPT2_SIZES["gpt2-xl"])
-    recompute = 1.0 / a.checkpoint_every if a.checkpoint_every else 0.0
-    fpt = flops_per_token(n_params, n_layer, n_embd, req.seq_len, recompute, lora=req.lora)
+    fpt = flops_per_token(n_params, n_layer, n_embd, req.seq_len, lora=req.lora)
     if a.chunked_loss:
         fpt += 2 * VOCAB * n_embd  # lm_head forward again in backward
     if s.in_backward and req.clip_in_backward == "exact":
         fpt *= 2  # a measuring forward+backward (with its recompute) before the stepping one
-    seconds = fpt * tokens_per_step / (req.gpu.peak_tflops * 1e12 * ASSUMED_MFU)
+    seconds = fpt * tokens_per_step / (req.gpu.peak_tflops * 1e12 * ASSUMED_MFU) * a.time_factor(req.compile_blocks)
     shard = n_params / req.gpus
     if s.offload_optimizer:
         seconds += 4 * shard / PCIE_BYTES_PER_S  # 16-bit gradients down, 16-bit parameters up, once per step

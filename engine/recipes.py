@@ -36,9 +36,10 @@ def zero(stage: int) -> Overrides:
     return (f"memory.zero_stage={stage}",)
 
 
-def checkpointing(every: int | None = None) -> Overrides:
-    """Activation checkpointing: every block, or one block in `every`."""
-    return ("memory.activation_checkpointing=true",) + ((f"memory.checkpoint_every_n_layers={every}",) if every else ())
+def checkpointing(every: int | None = None, policy: str = "full") -> Overrides:
+    """Activation checkpointing: every block, or one block in `every`; `policy` selective keeps the matmul outputs."""
+    return (("memory.activation_checkpointing=true",) + ((f"memory.checkpoint_every_n_layers={every}",) if every else ())
+            + (("memory.checkpoint_policy=selective",) if policy == "selective" else ()))
 
 
 def chunked_loss(tokens: int) -> Overrides:

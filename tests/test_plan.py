@@ -77,22 +77,60 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-def test_written_config_round_trips_through_train_dry_run(tmp_path):
+@pytest.mark.parametrize("activations, compiled, expected", [
+    (ActivationChoice("checkpoint 1 block in 2 + chunked loss", 2, True), False,
+     ("checkpoint_every_n_layers: 2", "checkpoint_policy: full", "compile_blocks: false")),
+    (ActivationChoice("selective recompute + chunked loss", 1, True, "selective"), True,
+     ("checkpoint_every_n_layers: 1", "checkpoint_policy: selective", "compile_blocks: true")),
+])
+def test_written_config_round_trips_through_train_dry_run(tmp_path, activations, compiled, expected):
     """The recommended configuration, written as YAML, is accepted by `engine train` unchanged."""
     from conftest import run_inprocess_cli
 
-    req = budget(15_360, 12)
+    req = budget(15_360, 12, compile_blocks=compiled)
     s = next(s for s in strategies(req) if s.name == "AdamW8bit, in-backward")
-    row = Row(s, ActivationChoice("checkpoint 1 block in 2 + chunked loss", 2, True), 1, 1, 13 * GIB, 8 * GIB, 1.18,
-              True, "")
+    row = Row(s, activations, 1, 1, 13 * GIB, 8 * GIB, 1.18, True, "")
     path = tmp_path / "plan.yaml"
     write_config(req, row, path)
     r = run_inprocess_cli(["train", "--config", str(path), "--dry-run", "--no-preflight", f"logging.output_dir={tmp_path / 'run'}",
                  "model.init=random"])
     assert r.returncode == 0, r.stderr
-    for expected in ("optimizer_in_backward: true", "checkpoint_every_n_layers: 2", "loss_chunk_size: 1024",
-                     "name: adamw_8bit", "precision: fp16", "preflight: false"):
+    for expected in ("optimizer_in_backward: true", "loss_chunk_size: 1024", "activation_checkpointing: true",
+                     "name: adamw_8bit", "precision: fp16", "preflight: false", *expected):
         assert expected in r.stdout, expected
+
+
+def test_step_time_factors_are_the_measured_ones():
+    """RECOMPUTE_TIME and COMPILE_TIME are benchmarks/results/speed_options' ratios (tokens/s of the step without
+    the option over the step with it), to the 2 decimals they are written with."""
+    import csv
+
+    from engine.plan import COMPILE_TIME, RECOMPUTE_TIME
+
+    path = Path(__file__).parents[1] / "benchmarks" / "results" / "speed_options" / "results.csv"
+    tps = {row["name"]: float(row["tokens_per_s"]) for row in csv.DictReader(path.open())}
+    measured = {
+        ("recompute", "full"): tps["plain step"] / tps["+ full recompute"],
+        ("recompute", "selective"): tps["plain step"] / tps["+ selective recompute"],
+        ("compile", "none"): tps["plain step"] / tps["plain step, compiled"],
+        ("compile", "full"): tps["+ full recompute"] / tps["+ full recompute, compiled"],
+        ("compile", "selective"): tps["+ selective recompute"] / tps["+ selective recompute, compiled"],
+    }
+    for (kind, policy), ratio in measured.items():
+        assert {"recompute": RECOMPUTE_TIME, "compile": COMPILE_TIME}[kind][policy] == pytest.approx(ratio, abs=0.005)
+
+
+def test_compiled_plans_leave_zero3_out_and_apply_the_compile_factor():
+    plain, compiled = budget(15_360, 12, gpus=2), budget(15_360, 12, gpus=2, compile_blocks=True)
+    assert any(s.zero_stage == 3 for s in strategies(plain))
+    assert strategies(compiled) and not any(s.zero_stage == 3 for s in strategies(compiled))
+    selective = ActivationChoice("selective recompute", 1, False, "selective")
+    from engine.plan import COMPILE_TIME, RECOMPUTE_TIME
+
+    assert selective.time_factor(False) == RECOMPUTE_TIME["selective"]
+    assert selective.time_factor(True) == pytest.approx(RECOMPUTE_TIME["selective"] * COMPILE_TIME["selective"])
+    half = ActivationChoice("checkpoint 1 block in 2", 2, False)
+    assert half.time_factor(False) == pytest.approx(1 + (RECOMPUTE_TIME["full"] - 1) / 2)
 
 
 def test_plan_cli_errors_are_one_line():

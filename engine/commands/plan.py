@@ -43,6 +43,10 @@ def add_arguments(p) -> None:
     p.add_argument("--clip-in-backward", choices=("stale", "exact"), default="stale",
                    help="how the in-backward candidates clip (optim.clip_in_backward): stale (default) costs no time, "
                         "exact runs a measuring pass first (about twice the compute)")
+    p.add_argument("--compile", action="store_true",
+                   help="plan with compiled blocks (train.compile_blocks): their measured step-time factor applies, "
+                        "ZeRO-3 candidates are left out; memory is the eager step's, which bounded the compiled step's "
+                        "in every measured pair")
     p.add_argument("--write", metavar="FILE", help="where to write the recommended config (default plan-<model>.yaml)")
     p.add_argument("--workers", type=int, help="simulation processes (default: CPU cores, at most 4)")
 
@@ -64,7 +68,8 @@ def request_from_args(args) -> Request:
         raise ConfigError(f"--global-batch {args.global_batch} is smaller than --gpus {args.gpus}")
     return Request(model=args.model, gpu=gpu, gpus=args.gpus,
                    host_bytes=parse_size(args.host_mem) if args.host_mem else None, seq_len=args.seq_len,
-                   global_batch=args.global_batch, lora=args.lora, clip_in_backward=args.clip_in_backward)
+                   global_batch=args.global_batch, lora=args.lora, clip_in_backward=args.clip_in_backward,
+                   compile_blocks=args.compile)
 
 
 def run(args) -> int:
@@ -74,6 +79,7 @@ def run(args) -> int:
           f"({req.gpu.memory_mib:,} MiB, {'bf16' if req.gpu.bf16 else 'fp16'})"
           + (f", {req.host_bytes / GIB:.1f} GiB host RAM" if req.host_bytes else "")
           + f", sequence {req.seq_len}" + (f", global batch {req.global_batch}" if req.global_batch else "")
+          + (", compiled blocks" if req.compile_blocks else "")
           + f": simulating {n} configurations")
     bar = tqdm(total=n, unit="config", leave=False)
     rows, _ = plan(req, progress=lambda *_: bar.update(1), workers=args.workers)

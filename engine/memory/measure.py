@@ -19,7 +19,7 @@ from engine.devices import pick_device, resolve_precision, return_freed_host_mem
 from engine.distributed import DistEnv
 from engine.memory.meter import peak_rss_bytes
 from engine.memory.tracker import MemoryTracker
-from engine.model import build_model, compile_blocks, parameter_counts
+from engine.model import build_model, compile_blocks, compile_seconds, parameter_counts
 
 
 def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq: int, recompute_fraction: float = 0.0,
@@ -67,6 +67,7 @@ class Measurement:
     cuda_reserved: int | None = None  # torch.cuda.max_memory_reserved: what the caching allocator took
     cuda_device_used: int | None = None  # total - free (torch.cuda.mem_get_info) after the steps: nvidia-smi's view
     precision: str = ""
+    compile_s: float = 0.0  # torch.compile's seconds in this measurement (compiled blocks: the warm-up step's)
 
 
 def model_shape(cfg: RunConfig) -> tuple[int, int]:
@@ -101,6 +102,7 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
         torch.cuda.reset_peak_memory_stats(device)
     model = build_for(cfg, device)
     counts = parameter_counts(model)
+    compile_start = compile_seconds()
     if cfg.train.compile_blocks:  # as `engine train` does; the warm-up step compiles
         compile_blocks(model)
         track = False  # the tracker (a dispatch mode) cannot see compiled kernels: peak RSS / CUDA stats only
@@ -157,5 +159,6 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
         matmul_peak_flops=peak_flops,
         params=counts,
         precision=precision,
+        compile_s=compile_seconds() - compile_start,
         **cuda_stats,
     )
