@@ -37,7 +37,7 @@ from engine.config import (
 from engine.errors import ConfigError
 from engine.memory.gpus import GPU, GPUS
 from engine.memory.measure import flops_per_token
-from engine.memory.simulate import GPU_OVERHEAD, simulate_deep
+from engine.memory.simulate import compiled_bound, simulate_deep, with_gpu_margin
 from engine.notices import library_log_path, workers_log_to
 from engine.recipes import CATALOG, Recipe, checkpointing, chunked_loss
 
@@ -256,8 +256,9 @@ def peak_from_figures(figs: Figures, micro: int) -> tuple[int, dict[str, int], s
     return best
 
 
-def with_margin(peak: int) -> int:
-    return int(peak * (1 + GPU_OVERHEAD["fragmentation"]) + GPU_OVERHEAD["context_bytes"])
+def with_margin(req: Request, peak: int) -> int:
+    """A candidate's predicted GPU bytes: its simulated peak (bounded for compiled blocks) plus the GPU margin."""
+    return with_gpu_margin(compiled_bound(peak, req.compile_blocks))
 
 
 # --- host RAM and step time: modelled ---------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def evaluate(req: Request, s: Strategy, a: ActivationChoice, figs: Figures, info
     best, smallest = None, None
     for micro, accum in pairs:
         peak, breakdown, _ = peak_from_figures(figs, micro)
-        gpu = with_margin(peak)
+        gpu = with_margin(req, peak)
         tokens = micro * accum * req.gpus * req.seq_len
         t = step_seconds_per_token(req, s, a, n_params, tokens, accum)
         row = Row(s, a, micro, accum, gpu, host, t, True, "", breakdown)
@@ -393,7 +394,7 @@ def gather_figures(req: Request, progress=None, workers: int | None = None, ever
             need2 = []
             for (s, a), (phases, _) in zip(combos, first):
                 pairs = micro_batches(req, s.in_backward)
-                fits1 = with_margin(max(p for p, _ in phases.values())) <= req.gpu.memory_bytes
+                fits1 = with_margin(req, max(p for p, _ in phases.values())) <= req.gpu.memory_bytes
                 need2.append(every_micro or (bool(pairs) and (pairs[0][0] > 1 or (fits1 and len(pairs) > 1))))
                 if progress and not need2[-1]:
                     progress(s, a)
@@ -417,6 +418,8 @@ def rows_from_figures(req: Request, figures: list[dict]) -> tuple[list[Row], Row
     by_name = {(s.name, a.name): (s, a) for s in strategies(req) for a in activation_choices(s)}
     rows = []
     for rec in figures:
+        if req.compile_blocks and (rec["strategy"], rec["activations"]) not in by_name:
+            continue  # recorded figures of a ZeRO-3 candidate, which compiled plans leave out
         s, a = by_name[(rec["strategy"], rec["activations"])]
         figs = {k: tuple(None if x is None else (int(x[0]), dict(x[1])) for x in v) for k, v in rec["figures"].items()}
         rows.append(evaluate(req, s, a, figs, rec["info"]))
@@ -432,7 +435,7 @@ def verify(req: Request, row: Row) -> Row:
     """Simulate the chosen configuration itself (its micro-batch and accumulation) and replace the figures."""
     ov = config_overrides(req, row.strategy, row.activations, row.micro, min(row.accum, 2)) + ["model.init=random"]
     sim = simulate_deep(load_config(None, ov), kernel="cuda", zero_world=req.gpus)
-    row.gpu_bytes, row.breakdown = sim.with_gpu_margin(), dict(sim.breakdown)
+    row.gpu_bytes, row.breakdown = with_margin(req, sim.peak_bytes), dict(sim.breakdown)
     if row.gpu_bytes > req.gpu.memory_bytes:
         row.fits = False
         row.reason = f"the direct simulation needs {row.gpu_bytes / GIB:.2f} GiB per GPU"

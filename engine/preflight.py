@@ -15,7 +15,7 @@ import torch
 from engine.config import RunConfig
 from engine.distributed import DistEnv
 from engine.errors import EngineError
-from engine.memory.simulate import simulate_deep
+from engine.memory.simulate import compiled_bound, simulate_deep, with_gpu_margin
 
 GIB = 2**30
 
@@ -37,7 +37,8 @@ def predict_peak(cfg: RunConfig, env: DistEnv, device_type: str) -> dict:
     sim_cfg = cfg.model_copy(deep=True, update={"task": "causal_lm"})
     sim_cfg.model.init = "random"  # the architecture is what matters; no weights are read
     sim = simulate_deep(sim_cfg, kernel="cuda" if device_type == "cuda" else "cpu", zero_world=env.world_size)
-    device = sim.with_gpu_margin() if device_type == "cuda" else sim.peak_bytes
+    peak = compiled_bound(sim.peak_bytes, cfg.train.compile_blocks)  # the eager step's, as the compiled one's bound
+    device = with_gpu_margin(peak) if device_type == "cuda" else peak
     return {"device_bytes": device, "host_offload_bytes": (sim.zero or {}).get("host", 0),
             "kernel": sim.kernel, "breakdown": sim.breakdown}
 

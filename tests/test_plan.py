@@ -304,3 +304,37 @@ def test_a_recipe_over_the_quality_bar_is_marked_with_its_gap():
     row = Row(lora, ActivationChoice("no checkpointing", None, False), 1, 1, GIB, GIB, 1.0, True, "")
     assert f"[quality: {worst[0]:+.1f}% loss]" in format_table([row], row)
     assert quality_worst("qlora")[0] <= QUALITY_TOLERANCE_PCT
+
+
+def test_compiled_runs_are_predicted_by_the_measured_bound():
+    """COMPILED_BOUND covers the largest excess of a compiled step's peak RSS over its eager step's (as a fraction of
+    the eager tracked peak) in benchmarks/results/speed_options, by less than 0.01; the pre-flight and the plan apply
+    it to compiled runs only."""
+    import csv
+
+    from engine.config import load_config
+    from engine.distributed import DistEnv
+    from engine.memory.simulate import COMPILED_BOUND
+    from engine.preflight import predict_peak
+
+    path = Path(__file__).parents[1] / "benchmarks" / "results" / "speed_options" / "results.csv"
+    rows = {row["name"]: row for row in csv.DictReader(path.open())}
+    pairs = [(n.replace(", compiled", "").replace(" + compiled", ""), n) for n in rows if "compiled" in n]
+    pairs = [(e if e in rows else e.replace("t4 recipe", "t4 recipe (full recompute)"), c) for e, c in pairs]
+    assert len(pairs) == 6 and all(e in rows for e, _ in pairs), pairs
+    excess = max((float(rows[c]["peak_rss_mib"]) - float(rows[e]["peak_rss_mib"])) / float(rows[e]["peak_mib"])
+                 for e, c in pairs)
+    assert 1 + excess <= COMPILED_BOUND < 1 + excess + 0.01, excess
+
+    tiny = ["model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.n_positions=64",
+            "data.block_size=64", "train.micro_batch_size=2", "memory.precision=fp32"]
+    eager = predict_peak(load_config(None, tiny), DistEnv(), "cpu")["device_bytes"]
+    compiled = predict_peak(load_config(None, tiny + ["train.compile_blocks=true"]), DistEnv(), "cpu")["device_bytes"]
+    assert compiled == int(eager * COMPILED_BOUND)
+    req = budget(15_360, 12)
+    rows_eager, _ = rows_from_figures(req, FIGURES)
+    rows_compiled, _ = rows_from_figures(replace(req, compile_blocks=True), FIGURES)
+    by = {r.name: r for r in rows_eager}
+    for r in rows_compiled:  # the bound costs each candidate memory: a smaller micro-batch, or more at the same one
+        e = by[r.name]
+        assert r.micro < e.micro or (r.micro == e.micro and r.gpu_bytes > e.gpu_bytes), (r.name, r.micro, e.micro)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from engine.config import GPT2_SIZES
 from engine.errors import ConfigError
 from engine.memory.gpus import GPU, GPUS
-from engine.memory.simulate import GPU_OVERHEAD
+from engine.memory.simulate import COMPILED_BOUND, GPU_OVERHEAD
 from engine.plan import (
     GIB,
     Request,
@@ -87,7 +87,9 @@ def run(args) -> int:
     # Only a candidate whose own direct simulation fits is recommended (the next one while it does not).
     chosen = recommend(rows, lambda row: verify(req, row))
     print(format_table(rows, chosen))
-    print(f"\nGPU GiB: simulated peak per GPU + {GPU_OVERHEAD['context_bytes'] // 2**20} MiB + "
+    print(f"\nGPU GiB: simulated peak per GPU"
+          + (f" x {COMPILED_BOUND} (compiled blocks' measured bound)" if req.compile_blocks else "")
+          + f" + {GPU_OVERHEAD['context_bytes'] // 2**20} MiB + "
           f"{GPU_OVERHEAD['fragmentation']:.0%} margin. host GiB and time: modelled (see engine/plan.py). "
           "time: per token, relative to the fastest configuration without recompute or offload.")
     if chosen is None:
