@@ -101,7 +101,9 @@ def main() -> None:
     # The GPU figure for the engine's configuration is its T4 form: fp16 autocast over the same fp32 masters.
     gpu_cfg = cfg_from(preset + overrides + ["memory.precision=fp16"] * (args.recipe == "full"))
     gpu = simulate(gpu_cfg, kernel="cuda", steps=2)
-    plain = [o for o in overrides if not o.startswith("memory.lora.quantize_base")]  # the baseline has no LoRA
+    # the baseline has no LoRA, no checkpointing and no compiled blocks
+    plain = [o for o in overrides
+             if not o.startswith(("memory.lora.quantize_base", "memory.checkpoint_policy", "train.compile_blocks"))]
     base = simulate(cfg_from(LOW_MEMORY + plain + BASELINE_RECIPE), kernel="cuda", steps=2)
     t4 = GPUS["t4"].memory_bytes
     row.update(
