@@ -16,7 +16,8 @@ no checkpointing) simulated with GPU kernels plus the GPU margin, against a 16 G
     .venv/bin/python benchmarks/single_device.py --model gpt2-large
 
 Recipes (`--recipe`): full (the T4 preset, default), lora, qlora (LoRA over an NF4 base), bf16_weights (the 8 GB preset: bf16 weights with
-stochastic rounding, 8-bit AdamW), adamw_4bit and adafactor (the 8 GB preset with 4-bit AdamW or Adafactor).
+stochastic rounding, 8-bit AdamW), adamw_4bit and adafactor (the 8 GB preset with 4-bit AdamW or Adafactor),
+bf16_weights_selective and bf16_weights_compiled (the 8 GB preset with selective recompute, or compiled blocks).
 """
 
 from __future__ import annotations
@@ -55,12 +56,10 @@ RECIPES = {
     # tracker cannot see compiled kernels: peak RSS only, and the eager simulation as its bound)
     "bf16_weights_selective": (BF16_WEIGHTS, ["memory.checkpoint_policy=selective"]),
     "bf16_weights_compiled": (BF16_WEIGHTS, ["train.compile_blocks=true"]),
-    "bf16_weights_selective_compiled": (BF16_WEIGHTS, ["memory.checkpoint_policy=selective", "train.compile_blocks=true"]),
 }
 FILE_NAMES = {"bf16_weights": "full_bf16_weights", "adamw_4bit": "full_bf16_weights_adamw_4bit",
               "adafactor": "full_bf16_weights_adafactor", "bf16_weights_selective": "full_bf16_weights_selective",
-              "bf16_weights_compiled": "full_bf16_weights_compiled",
-              "bf16_weights_selective_compiled": "full_bf16_weights_selective_compiled"}
+              "bf16_weights_compiled": "full_bf16_weights_compiled"}
 
 
 def cfg_from(args: list[str]):

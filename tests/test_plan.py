@@ -147,7 +147,7 @@ def test_plan_cli_writes_a_config_for_a_tiny_budget(tmp_path):
     from conftest import run_cli
 
     out = tmp_path / "p.yaml"
-    r = run_cli(["plan", "--model", "distilgpt2", "--gpu-mem", "2GiB", "--seq-len", "128", "--lora", "--workers", "1",
+    r = run_cli(["plan", "--model", "distilgpt2", "--gpu-mem", "2GiB", "--seq-len", "128", "--lora", "--workers", "2",
                  "--write", str(out)], timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Recommended: LoRA r16" in r.stdout and out.exists()

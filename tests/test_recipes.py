@@ -121,7 +121,10 @@ def test_benchmark_recipes_are_what_they_were():
                                                                  "optim.clip_in_backward": "exact"}
     assert settings(quality.RECIPES["qlora"]) == {**LORA, "memory.lora.dropout": "0.0", "memory.precision": "bf16",
                                                   "memory.lora.quantize_base": "nf4", **clip}
-    assert sorted(single_device.RECIPES) == ["adafactor", "adamw_4bit", "bf16_weights", "full", "lora", "qlora"]
+    assert sorted(single_device.RECIPES) == ["adafactor", "adamw_4bit", "bf16_weights", "bf16_weights_compiled",
+                                             "bf16_weights_selective", "full", "lora", "qlora"]
+    assert single_device.RECIPES["bf16_weights_selective"] == (["--config", "gpt2-xl_full_8gb"],
+                                                               ["memory.checkpoint_policy=selective"])
     preset, extra = single_device.RECIPES["qlora"]
     assert preset == ["--config", "gpt2-xl_qlora_4gb"] and settings(extra) == {
         "memory.optimizer_in_backward": "false", "optim.grad_clip": "1.0", **LORA, "memory.precision": "bf16",
