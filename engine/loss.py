@@ -137,12 +137,11 @@ class _HeadLossWithDeferredWeightGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, labels, deferred: DeferredHeadWeightGrad):
         ctx.deferred = deferred
-        head = deferred.head(deferred.weight.detach())
+        w = deferred.weight.detach()  # (autocast is the caller's: the head and the matmul below run in its dtype)
         ctx.in_forward = not (deferred.autocast.enabled and deferred.autocast.dtype == torch.float16)
         if not ctx.in_forward:
             ctx.save_for_backward(hidden, labels)
-            return _ce_sum(head, hidden, labels)
-        w = deferred.weight.detach()  # (autocast is the caller's: the head and the matmul below run in its dtype)
+            return _ce_sum(deferred.head(w), hidden, labels)
         loss, grad_logits = deferred.logits_grad(w, hidden, labels)
         ctx.save_for_backward(hidden, labels, grad_logits @ w)
         return loss

@@ -100,15 +100,20 @@ def test_written_config_round_trips_through_train_dry_run(tmp_path, activations,
         assert expected in r.stdout, expected
 
 
+def speed_options_rows() -> dict[str, dict[str, str]]:
+    """benchmarks/results/speed_options/results.csv by row name: what the planner's measured constants come from."""
+    import csv
+
+    path = Path(__file__).parents[1] / "benchmarks" / "results" / "speed_options" / "results.csv"
+    return {row["name"]: row for row in csv.DictReader(path.open())}
+
+
 def test_step_time_factors_are_the_measured_ones():
     """RECOMPUTE_TIME and COMPILE_TIME are benchmarks/results/speed_options' ratios (tokens/s of the step without
     the option over the step with it), to the 2 decimals they are written with."""
-    import csv
-
     from engine.plan import COMPILE_TIME, RECOMPUTE_TIME
 
-    path = Path(__file__).parents[1] / "benchmarks" / "results" / "speed_options" / "results.csv"
-    tps = {row["name"]: float(row["tokens_per_s"]) for row in csv.DictReader(path.open())}
+    tps = {name: float(row["tokens_per_s"]) for name, row in speed_options_rows().items()}
     measured = {
         ("recompute", "full"): tps["plain step"] / tps["+ full recompute"],
         ("recompute", "selective"): tps["plain step"] / tps["+ selective recompute"],
@@ -310,15 +315,12 @@ def test_compiled_runs_are_predicted_by_the_measured_bound():
     """COMPILED_BOUND covers the largest excess of a compiled step's peak RSS over its eager step's (as a fraction of
     the eager tracked peak) in benchmarks/results/speed_options, by less than 0.01; the pre-flight and the plan apply
     it to compiled runs only."""
-    import csv
-
     from engine.config import load_config
     from engine.distributed import DistEnv
     from engine.memory.simulate import COMPILED_BOUND
     from engine.preflight import predict_peak
 
-    path = Path(__file__).parents[1] / "benchmarks" / "results" / "speed_options" / "results.csv"
-    rows = {row["name"]: row for row in csv.DictReader(path.open())}
+    rows = speed_options_rows()
     pairs = [(n.replace(", compiled", "").replace(" + compiled", ""), n) for n in rows if "compiled" in n]
     pairs = [(e if e in rows else e.replace("t4 recipe", "t4 recipe (full recompute)"), c) for e, c in pairs]
     assert len(pairs) == 6 and all(e in rows for e, _ in pairs), pairs
