@@ -182,7 +182,7 @@ def run_baseline(overrides: list[str], steps: int) -> dict:
     from engine.tokenizer import load_tokenizer
     from engine.memory.meter import peak_rss_bytes
     from engine.memory.tracker import MemoryTracker
-    from engine.model import gpt2_config
+    from engine.model import random_config
 
     cfg = load_config(None, overrides)
     seq, micro = cfg.data.block_size, cfg.train.micro_batch_size
@@ -192,7 +192,7 @@ def run_baseline(overrides: list[str], steps: int) -> dict:
     ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     useful = sum(sum(m) for m in enc["attention_mask"][micro:])  # non-pad tokens after the warm-up step
     torch.manual_seed(0)
-    mcfg = gpt2_config(cfg)
+    mcfg = random_config(cfg)
     mcfg._attn_implementation = cfg.model.attn_implementation
     model = GPT2LMHeadModel(mcfg)
     args = TrainingArguments(output_dir=str(ROOT / "benchmarks/results/.baseline_tmp"), per_device_train_batch_size=micro,

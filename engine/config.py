@@ -17,18 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, ModelLoadError
+from engine.families import FAMILIES, OVERRIDE_KEYS, Family, folder_config, named_size, random_architecture
 
-# (n_layer, n_embd, n_head) of the released GPT-2 checkpoints; `init: random` builds these exactly.
-GPT2_SIZES: dict[str, tuple[int, int, int]] = {
-    "distilgpt2": (6, 768, 12),
-    "gpt2": (12, 768, 12),
-    "gpt2-medium": (24, 1024, 16),
-    "gpt2-large": (36, 1280, 20),
-    "gpt2-xl": (48, 1600, 25),
-}
-GPT2_CONTEXT = 1024
-GPT2_VOCAB = 50257
 
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
 # Optimizer state bytes per trainable parameter (the ZeRO rules' K; the planner's arithmetic). Adafactor keeps a row
@@ -51,23 +42,64 @@ class SpecialTokens(Section):
 
 
 class ModelConfig(Section):
-    name: str = Field("gpt2", description="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | distilgpt2, a hub id, or a local folder.")
+    name: str = Field("gpt2", description="A named size (engine plan --help lists them: gpt2 ... gpt2-xl, "
+                      "Qwen2.5-0.5B/1.5B, Llama-3.2-1B, TinyLlama-1.1B, SmolLM2-135M/360M/1.7B, pythia-160m ... "
+                      "pythia-1.4b), a hub id, or a local folder. GPT-2, Llama, Qwen2 and GPT-NeoX models run.")
     init: Literal["pretrained", "random"] = Field(
-        "pretrained", description="pretrained: from_pretrained(name). random: the exact architecture of a named size, random weights."
+        "pretrained", description="pretrained: from_pretrained(name). random: the exact architecture of a named size "
+        "(its published configuration, held in the engine) or of a model folder's config.json, random weights."
     )
+    family: Literal["gpt2", "llama", "qwen2", "gpt_neox"] | None = Field(
+        None, description="random init without a named size: the architecture family of model.n_layer/n_embd/n_head "
+        "(default gpt2); set by the named size or folder otherwise.")
     n_layer: int | None = Field(None, gt=0, description="random init only: override the number of blocks (tiny test models).")
-    n_embd: int | None = Field(None, gt=0, description="random init only: override the hidden size.")
+    n_embd: int | None = Field(None, gt=0, description="random init only: override the hidden size (the MLP keeps its ratio).")
     n_head: int | None = Field(None, gt=0, description="random init only: override the number of heads.")
+    n_kv_head: int | None = Field(None, gt=0, description="random init only: key/value heads (Llama, Qwen2; default: "
+                                  "the named size's grouping where it divides model.n_head).")
+    n_inner: int | None = Field(None, gt=0, description="random init only: the MLP's inner size.")
     n_positions: int | None = Field(None, gt=0, description="random init only: override the context length.")
-    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="Override resid/embd/attn dropout (GPT-2 uses 0.1).")
+    vocab_size: int | None = Field(None, gt=0, description="random init only: embedding rows (default: the named "
+                                   "size's, at least the GPT-2 tokenizer's 50,257).")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="Override the model's dropout (GPT-2 uses 0.1 on "
+                                  "residuals, embeddings and attention; the others 0, on attention and residuals).")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="sdpa uses flash/mem-efficient kernels on GPU.")
-    tokenizer: str | None = Field(None, description="Tokenizer folder; default: the vendored GPT-2 BPE files.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder; default: a model folder's own, a pretrained "
+                                  "non-GPT-2 hub model's own, else the vendored GPT-2 BPE files.")
     special_tokens: SpecialTokens = Field(default_factory=SpecialTokens)
     trust_remote_code: bool = Field(False, description="Passed to from_pretrained; only set for code you trust.")
 
     @property
     def size(self) -> str | None:
-        return self.name if self.name in GPT2_SIZES else None
+        """The engine name of a named size (by name or hub id), or None."""
+        found = named_size(self.name)
+        return found[1].name if found else None
+
+    def hub_id(self) -> str:
+        """What from_pretrained loads: a named size's hub id, else model.name as given."""
+        found = named_size(self.name)
+        return found[1].hub_id if found else self.name
+
+    def overrides(self) -> dict:
+        return {k: getattr(self, k) for k in OVERRIDE_KEYS}
+
+    def architecture(self) -> tuple[Family, dict]:
+        """model.init=random: the family and the configuration built (engine.families.random_architecture)."""
+        return random_architecture(self.name, self.family, self.overrides())
+
+    def family_known(self) -> Family | None:
+        """The family, where it is known before loading: random init, a named size, or a local folder's config.json
+        (None for a hub id the engine does not name)."""
+        if self.init == "random":
+            return self.architecture()[0]
+        found = named_size(self.name)
+        if found:
+            return found[0]
+        try:
+            saved = folder_config(self.name)
+            return FAMILIES.get(saved.get("model_type")) if saved else None
+        except ModelLoadError:
+            return None
 
 
 class DataConfig(Section):
@@ -117,11 +149,12 @@ class LoraConfig(Section):
     r: int = Field(8, gt=0)
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    target_modules: list[str] | None = Field(
+        None, description="null: every matmul of a block, by family (GPT-2 c_attn, c_proj, c_fc; Llama and Qwen2 "
+        "q/k/v/o_proj, gate/up/down_proj; GPT-NeoX query_key_value, dense, dense_h_to_4h, dense_4h_to_h).")
     quantize_base: Literal["none", "nf4"] = Field(
         "none",
-        description="nf4: QLoRA (Dettmers et al. 2023). Every matmul weight of the frozen base (GPT-2's c_attn, c_proj, "
-        "c_fc) is stored in 4-bit NormalFloat with double quantization (bitsandbytes Linear4bit: ~0.52 B/param "
+        description="nf4: QLoRA (Dettmers et al. 2023). Every matmul weight of the frozen base's blocks is stored in 4-bit NormalFloat with double quantization (bitsandbytes Linear4bit: ~0.52 B/param "
         "instead of 2) and dequantized per use into the compute precision; the adapters train in full precision. "
         "Embeddings and LayerNorms stay unquantized; with 16-bit compute the frozen embeddings are stored in it "
         "(memory.frozen_weights_16bit), so the residual stream runs in 16 bits. The export merges the adapter into "
@@ -156,9 +189,10 @@ class MemoryConfig(Section):
         "residual adds, dropout; and the math attention path's score matmuls, whose seq x seq outputs cost more memory "
         "than they save time): part of the memory saving at a small part of the recompute (engine.model.SELECTIVE_SAVE)."
     )
-    fused_gelu: bool = Field(
-        True, description="Replace GPT-2's 5-op GELU by one gelu(approximate='tanh'): same function, 3 fewer saved "
-        "[tokens x 4h] tensors per block (about 40% of activations with flash attention, less with the CPU math kernel)."
+    fused_gelu: bool | None = Field(
+        None, description="Replace GPT-2's 5-op GELU by one gelu(approximate='tanh'): same function, 3 fewer saved "
+        "[tokens x 4h] tensors per block (about 40% of activations with flash attention, less with the CPU math kernel). "
+        "null: on for GPT-2, the only family with that GELU (true on another is rejected)."
     )
     release_host_memory: bool = Field(
         False, description="Linux/glibc host RAM: return freed blocks of 1 MiB and more to the OS at once (a fixed "
@@ -477,25 +511,47 @@ def check_combinations(cfg: RunConfig) -> None:
                              "set memory.zero_stage=0 and train.backend=torch (or auto)")
     if m.lora.enabled and (m.freeze.embeddings or m.freeze.first_n_blocks):
         raise ValueError("memory.lora and memory.freeze are alternatives: LoRA already freezes every base weight; disable one")
-    if cfg.model.init == "pretrained" and any(
-        v is not None for v in (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.n_positions)
-    ):
-        raise ValueError("model.n_layer/n_embd/n_head/n_positions only apply to model.init=random")
-    n_embd, n_head = cfg.model.n_embd, cfg.model.n_head
-    if cfg.model.size and (n_embd or n_head):
-        base = GPT2_SIZES[cfg.model.size]
-        n_embd, n_head = n_embd or base[1], n_head or base[2]
-    if n_embd and n_head and n_embd % n_head:
-        raise ValueError(f"model.n_embd={n_embd} must be divisible by model.n_head={n_head}")
-    context = cfg.model.n_positions or GPT2_CONTEXT
-    if cfg.model.init == "random" and cfg.data.block_size > context:
-        raise ValueError(f"data.block_size={cfg.data.block_size} exceeds the model's context of {context} tokens")
-    if m.freeze.first_n_blocks:
-        n_layer = cfg.model.n_layer or (GPT2_SIZES[cfg.model.size][0] if cfg.model.size else None)
-        if n_layer is not None and m.freeze.first_n_blocks >= n_layer:
-            raise ValueError(f"memory.freeze.first_n_blocks={m.freeze.first_n_blocks} would freeze all {n_layer} blocks")
+    check_model(cfg)
     check_task_and_eval(cfg)
     check_data_source(cfg.data)
+
+
+def check_model(cfg: RunConfig) -> None:
+    """The model keys against each other and the memory features against the model's family, where the family is
+    known before loading (random init, a named size, a local folder); a hub model is checked when it loads
+    (`engine.model.check_family_features`)."""
+    m, mem = cfg.model, cfg.memory
+    if m.init == "pretrained":
+        set_keys = [k for k in (*OVERRIDE_KEYS, "family") if getattr(m, k) is not None]
+        if set_keys:
+            raise ValueError(f"model.{'/'.join(set_keys)} only apply to model.init=random")
+    fam = m.family_known()
+    shape = None
+    if m.init == "random":
+        fam, arch = m.architecture()
+        problem = fam.check(arch)
+        if problem:
+            raise ValueError(problem)
+        shape = fam.shape(arch)
+        if cfg.data.block_size > shape.context:
+            raise ValueError(f"data.block_size={cfg.data.block_size} exceeds the model's context of {shape.context} tokens")
+    elif m.size:
+        found = named_size(m.name)
+        shape = found[0].shape(found[1].config)
+    if shape and mem.freeze.first_n_blocks >= shape.n_layer:
+        raise ValueError(f"memory.freeze.first_n_blocks={mem.freeze.first_n_blocks} would freeze all {shape.n_layer} blocks")
+    if fam is not None:
+        problem = family_feature_problem(fam, mem)
+        if problem:
+            raise ValueError(problem)
+
+
+def family_feature_problem(fam: Family, mem: MemoryConfig) -> str | None:
+    """A memory feature the family cannot take, in one line (what to change), or None."""
+    if mem.fused_gelu and not fam.gpt2_gelu:
+        return (f"memory.fused_gelu swaps GPT-2's five-op GELU; a {fam.model_type} model's MLP ({fam.mlp}) has none: "
+                "unset it (null) or set it false")
+    return None
 
 
 def check_data_source(d: DataConfig) -> None:
@@ -676,7 +732,7 @@ def load_config(paths: list[str] | str | None = None, overrides: list[str] | Non
     return validate_dict(merged, source)
 
 
-RANDOM_INIT_KEYS = ("n_layer", "n_embd", "n_head", "n_positions")
+RANDOM_INIT_KEYS = (*OVERRIDE_KEYS, "family")
 
 
 def _switch_to_pretrained(merged: dict, layer: dict) -> dict:

@@ -80,8 +80,8 @@ class DeferredHeadWeightGrad:
     def applies_to(lm) -> bool:
         """Only a trained head tied to the embedding (then the embedding's backward always runs after the head's),
         without a bias (whose gradient this path does not make)."""
-        w = lm.lm_head.weight
-        return w.requires_grad and w is lm.get_input_embeddings().weight and lm.lm_head.bias is None
+        head = lm.get_output_embeddings()
+        return head.weight.requires_grad and head.weight is lm.get_input_embeddings().weight and head.bias is None
 
     def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _HeadLossWithDeferredWeightGrad.apply(hidden, labels, self)
@@ -173,24 +173,26 @@ def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = 
     if not chunk_size:
         logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
         return _ce_sum(torch.nn.Identity(), logits.view(-1, logits.shape[-1]), y), n_tokens
-    lm = unwrap(model, through_peft=True)  # GPT2LMHeadModel (LoRA layers stay inside it)
-    hidden = lm.transformer(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
+    lm = unwrap(model, through_peft=True)  # the transformers causal LM (LoRA layers stay inside it)
+    # Its body (GPT-2's transformer, Llama's model, GPT-NeoX's gpt_neox) ends with the final norm; the head is apart.
+    hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
     h = hidden.view(-1, hidden.shape[-1])
     total = hidden.new_zeros((), dtype=torch.float32)
-    deferred = (DeferredHeadWeightGrad(lm.lm_head.weight, lm.lm_head.bias)
+    head = lm.get_output_embeddings()
+    deferred = (DeferredHeadWeightGrad(head.weight, head.bias)
                 if defer_head_grad and torch.is_grad_enabled() and DeferredHeadWeightGrad.applies_to(lm) else None)
     for i in range(0, h.shape[0], chunk_size):
         if deferred is not None:
             total = total + deferred.loss_sum(h[i : i + chunk_size], y[i : i + chunk_size])
         elif torch.is_grad_enabled():
-            total = total + checkpoint(_ce_sum, lm.lm_head, h[i : i + chunk_size], y[i : i + chunk_size], use_reentrant=False)
+            total = total + checkpoint(_ce_sum, head, h[i : i + chunk_size], y[i : i + chunk_size], use_reentrant=False)
         else:
-            total = total + _ce_sum(lm.lm_head, h[i : i + chunk_size], y[i : i + chunk_size])
+            total = total + _ce_sum(head, h[i : i + chunk_size], y[i : i + chunk_size])
     return total, n_tokens
 
 
 def classification_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPT2ForSequenceClassification's own cross-entropy on the logits of each sequence's last non-pad token (found
+    """The sequence classifier's own cross-entropy on the logits of each sequence's last non-pad token (found
     through config.pad_token_id), as a sum over examples: the example is the loss unit (`n_tokens` = batch size)."""
     y = batch["class_labels"]
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=y, use_cache=False)

@@ -1,4 +1,5 @@
-"""Build GPT-2 (by name, local path or random init of a named size) with its memory features applied.
+"""Build a causal LM (GPT-2, Llama, Qwen2, GPT-NeoX: by name, local path or random init of a named size) with its
+memory features applied (what differs by family is asked of engine.families).
 
 Each model-side memory feature is applied here and only here, so training, the simulator and the
 benchmarks all run the same module graph:
@@ -16,34 +17,30 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
-from engine.config import GPT2_CONTEXT, GPT2_SIZES, GPT2_VOCAB, RunConfig
+from engine.config import RunConfig, family_feature_problem
 from engine.errors import ConfigError, ModelLoadError
+from engine.families import Family, family_of
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def gpt2_config(cfg: RunConfig, vocab_size: int = GPT2_VOCAB):
-    """The transformers GPT2Config for `model.init: random` (exact architecture of a named size + overrides)."""
-    from transformers import GPT2Config
+def random_config(cfg: RunConfig):
+    """The transformers config `model.init: random` builds: a named size's published architecture (or a folder's
+    config.json, or the overrides alone) with the overrides and model.dropout applied (engine.families)."""
+    fam, arch = cfg.model.architecture()
+    if cfg.model.dropout is not None:
+        arch.update({key: cfg.model.dropout for key in fam.dropout_keys})
+    return fam.config(arch)
 
-    m = cfg.model
-    if m.size is None and not all((m.n_layer, m.n_embd, m.n_head)):
-        raise ModelLoadError(
-            f"model.init=random needs a named size ({', '.join(GPT2_SIZES)}) or model.n_layer/n_embd/n_head; got {m.name!r}"
-        )
-    n_layer, n_embd, n_head = GPT2_SIZES.get(m.size or "", (None, None, None))
-    kw = dict(
-        vocab_size=vocab_size,
-        n_positions=m.n_positions or GPT2_CONTEXT,
-        n_layer=m.n_layer or n_layer,
-        n_embd=m.n_embd or n_embd,
-        n_head=m.n_head or n_head,
-        bos_token_id=50256,
-        eos_token_id=50256,
-    )
-    if m.dropout is not None:
-        kw.update(resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout)
-    return GPT2Config(**kw)
+
+def checked_family(model: nn.Module, cfg: RunConfig) -> Family:
+    """The built model's family; a family the engine does not run, or a memory feature it cannot take, is one line
+    (a hub model's family is first known here)."""
+    fam = family_of(model)
+    problem = family_feature_problem(fam, cfg.memory)
+    if problem:
+        raise ConfigError(problem)
+    return fam
 
 
 def classification_head(cfg: RunConfig) -> dict:
@@ -84,37 +81,33 @@ def storage_dtype(cfg: RunConfig) -> torch.dtype:
 
 
 def load_base_model(cfg: RunConfig, vocab_size: int) -> nn.Module:
-    """GPT2LMHeadModel (task=causal_lm) or GPT2ForSequenceClassification (task=classification) in its storage dtype
+    """The causal LM (task=causal_lm) or its sequence classifier (task=classification) in its storage dtype
     (`storage_dtype`), weights random or pretrained. A pretrained LM gets a new, randomly initialised head."""
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        GPT2ForSequenceClassification,
-        GPT2LMHeadModel,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m = cfg.model
     classify = cfg.task == "classification"
     head = classification_head(cfg) if classify else {}
+    auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
     if m.init == "random":
         torch.manual_seed(cfg.train.seed)
-        config = gpt2_config(cfg, vocab_size=GPT2_VOCAB)
+        config = random_config(cfg)
         config._attn_implementation = m.attn_implementation
         config.update(head)
-        cls = GPT2ForSequenceClassification if classify else GPT2LMHeadModel
-        model = cls._from_config(config, dtype=storage_dtype(cfg))
+        model = auto.from_config(config, dtype=storage_dtype(cfg))
     else:
-        auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
         extra = dict(head, ignore_mismatched_sizes=True) if classify else {}  # another label set: a new head
-        model = from_pretrained(auto.from_pretrained, m.name, attn_implementation=m.attn_implementation,
+        model = from_pretrained(auto.from_pretrained, m.hub_id(), attn_implementation=m.attn_implementation,
                                 dtype=storage_dtype(cfg), trust_remote_code=m.trust_remote_code,
                                 hub_hint=f"download it elsewhere and pass model.name=/path/to/{m.name}, or set "
                                          "model.init=random to build its architecture with random weights", **extra)
+        fam = family_of(model)
         if m.dropout is not None:
             for mod in model.modules():
                 if isinstance(mod, nn.Dropout):
                     mod.p = m.dropout
-            model.config.attn_pdrop = m.dropout  # read by the attention kernel call, not an nn.Dropout
+            for key in fam.dropout_keys:  # (also what attention kernel calls read: not an nn.Dropout)
+                setattr(model.config, key, m.dropout)
     return model
 
 
@@ -130,7 +123,7 @@ def resize_vocab(model: nn.Module, vocab_size: int) -> list[int]:
     return list(range(old, vocab_size))
 
 
-def apply_fused_gelu(model: nn.Module) -> int:
+def apply_fused_gelu(model: nn.Module) -> int:  # (GPT-2's: Family.gpt2_gelu)
     """Swap GPT-2's five-op NewGELUActivation for the single-op tanh GELU (same function, saves 1 tensor not 5)."""
     from transformers.activations import ACT2FN, NewGELUActivation
 
@@ -193,7 +186,8 @@ def compile_blocks(model: nn.Module) -> int:
     recompile limit (8 guard sets) would otherwise be used up by earlier runs in the process (a sweep), after which
     blocks run eager. A repeat of the same shapes then loads from inductor's disk cache, in seconds."""
     torch._dynamo.reset()
-    blocks = unwrap(model, through_peft=True).transformer.h
+    lm = unwrap(model, through_peft=True)
+    blocks = family_of(lm).blocks(lm)
     for block in blocks:
         block.compile()
     return len(blocks)
@@ -210,29 +204,32 @@ def compile_seconds() -> float:
 
 
 def apply_freeze(model: nn.Module, embeddings: bool, first_n_blocks: int) -> None:
-    tr = model.transformer
+    fam = family_of(model)
     if embeddings:
-        # lm_head is tied to wte, so freezing wte freezes the output projection too.
-        for p in list(tr.wte.parameters()) + list(tr.wpe.parameters()):
-            p.requires_grad_(False)
-    for block in tr.h[:first_n_blocks]:
+        # A tied head shares the token embedding's weight, so freezing it freezes the output projection too.
+        for emb in fam.embeddings(model):
+            for p in emb.parameters():
+                p.requires_grad_(False)
+    for block in fam.blocks(model)[:first_n_blocks]:
         for p in block.parameters():
             p.requires_grad_(False)
 
 
 def quantize_base_4bit(model: nn.Module, compute_dtype: torch.dtype) -> int:
-    """QLoRA's base: every GPT-2 Conv1D (and nn.Linear other than the heads) becomes a bitsandbytes `Linear4bit`
-    holding its weight in NF4 with double quantization, quantized here on the host; returns the weights replaced.
-    Conv1D stores [in, out], Linear4bit [out, in]: transposed once. Biases stay as they are (frozen)."""
+    """QLoRA's base: every matmul of the blocks (GPT-2's Conv1D, the other families' nn.Linear; not the embeddings
+    or heads) becomes a bitsandbytes `Linear4bit` holding its weight in NF4 with double quantization, quantized here
+    on the host; returns the weights replaced. Conv1D stores [in, out], Linear4bit [out, in]: transposed once.
+    Biases stay as they are (frozen)."""
     import bitsandbytes as bnb
     from transformers.pytorch_utils import Conv1D
 
     n = 0
-    for parent in list(model.modules()):
+    for parent in [m for block in family_of(model).blocks(model) for m in block.modules()]:
         for name, child in list(parent.named_children()):
-            if not isinstance(child, Conv1D):
+            if not isinstance(child, (Conv1D, nn.Linear)) or isinstance(child, bnb.nn.Linear4bit):
                 continue
-            weight = child.weight.detach().t()  # [out, in]
+            weight = child.weight.detach()
+            weight = weight.t() if isinstance(child, Conv1D) else weight  # [out, in]
             out_f, in_f = weight.shape
             with unset_fake_temporarily():  # (a no-op outside the simulator) the module itself, its weight set below
                 q = bnb.nn.Linear4bit(in_f, out_f, bias=child.bias is not None, compute_dtype=compute_dtype,
@@ -279,8 +276,9 @@ def quant_state_tensors(p: torch.Tensor) -> list[torch.Tensor]:
 
 def merged_copy(peft_model: nn.Module) -> nn.Module:
     """A CPU copy of a LoRA model with its adapters merged, the training model left as it is. peft's merge, or for a
-    4-bit base (QLoRA) each Linear4bit dequantized into an fp32 Conv1D with the adapter's delta added: a plain GPT-2
-    again (peft's own 4-bit merge would quantize the merged weight back to 4 bits)."""
+    4-bit base (QLoRA) each Linear4bit dequantized into an fp32 matmul module of the family (GPT-2's Conv1D, else
+    nn.Linear) with the adapter's delta added: the plain model again (peft's own 4-bit merge would quantize the
+    merged weight back to 4 bits)."""
     import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
     from transformers.pytorch_utils import Conv1D
@@ -289,6 +287,7 @@ def merged_copy(peft_model: nn.Module) -> nn.Module:
     base = unwrap(model, through_peft=True)
     if not getattr(base, "is_loaded_in_4bit", False):
         return model.merge_and_unload()
+    conv1d = family_of(base).conv1d
     for parent in list(base.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoraLayer) and isinstance(child.get_base_layer(), bnb.nn.Linear4bit):
@@ -296,11 +295,15 @@ def merged_copy(peft_model: nn.Module) -> nn.Module:
                 w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()  # [out, in]
                 for adapter in child.active_adapters:
                     w += child.get_delta_weight(adapter).float()
-                conv = Conv1D(w.shape[0], w.shape[1])
-                conv.weight.data = w.t().contiguous()
+                if conv1d:
+                    merged = Conv1D(w.shape[0], w.shape[1])
+                    merged.weight.data = w.t().contiguous()
+                else:
+                    merged = nn.Linear(w.shape[1], w.shape[0], bias=q.bias is not None)
+                    merged.weight.data = w
                 if q.bias is not None:
-                    conv.bias.data = q.bias.detach().float()
-                setattr(parent, name, conv)
+                    merged.bias.data = q.bias.detach().float()
+                setattr(parent, name, merged)
     base.is_loaded_in_4bit = False
     return base
 
@@ -310,19 +313,22 @@ def apply_lora(model: nn.Module, cfg: RunConfig, extra_trainable: list[str] | No
     from peft import LoraConfig, get_peft_model
 
     lc = cfg.memory.lora
+    fam = family_of(model)
+    emb = model.get_input_embeddings()
+    emb_name = next(name for name, mod in model.named_modules() if mod is emb).rpartition(".")[2]
     peft_cfg = LoraConfig(
         r=lc.r,
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
-        target_modules=list(lc.target_modules),
+        target_modules=list(lc.target_modules or fam.lora_targets),
         # GPT-2's Conv1D stores weights as [in, out]; QLoRA's Linear4bit stores [out, in] like nn.Linear.
-        fan_in_fan_out=lc.quantize_base == "none",
+        fan_in_fan_out=fam.conv1d and lc.quantize_base == "none",
         bias="none",
         # SEQ_CLS: peft adds the classification head ("score") to modules_to_save, so it trains in full and is saved.
         task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM",
         modules_to_save=extra_trainable,
         # Rows of added special tokens start random: train just those rows of the (tied) embedding.
-        trainable_token_indices={"wte": new_token_ids} if new_token_ids else None,
+        trainable_token_indices={emb_name: new_token_ids} if new_token_ids else None,
     )
     return get_peft_model(model, peft_cfg)
 
@@ -344,17 +350,18 @@ def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int | No
     `special_ids` (bos/eos/pad_token_id from the tokenizer) go into the config and generation config, so
     generation stops at a user-defined EOS."""
     model = load_base_model(cfg, vocab_size)
+    fam = checked_family(model, cfg)
     new_ids = resize_vocab(model, vocab_size)
     for key, value in (special_ids or {}).items():
         if value is not None:
             setattr(model.config, key, value)
             if getattr(model, "generation_config", None) is not None:
                 setattr(model.generation_config, key, value)
-    context = model.config.n_positions
+    context = getattr(model.config, fam.keys["n_positions"])
     if cfg.data.block_size > context:
         raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds {cfg.model.name}'s context of {context} tokens")
     mem = cfg.memory
-    if mem.fused_gelu:
+    if mem.fused_gelu is not False and fam.gpt2_gelu:  # (null: on where it applies)
         apply_fused_gelu(model)
     if mem.activation_checkpointing:
         apply_activation_checkpointing(model, mem.checkpoint_every_n_layers, mem.checkpoint_policy)
@@ -402,18 +409,30 @@ def compute_fp16_from_bf16(model: nn.Module) -> None:
     (a cast per use; a bf16 weight of normal magnitude is exact in fp16). Embedding lookups are not autocast ops,
     so their bf16 outputs are cast to fp16 here: otherwise bf16 + fp16 would promote the residual stream to fp32.
     LayerNorms run in fp32, as CUDA's autocast runs them (CPU autocast would meet fp16 inputs with bf16 weights, a
-    combination its kernel refuses). Gradients reach the weights in bf16 after fp16 loss scaling."""
+    combination its kernel refuses); RMSNorms (Llama, Qwen2) too, returning their input's fp16 (their own forward
+    would multiply the bf16 weight into fp16 and promote the residual branch to fp32). Gradients reach the weights
+    in bf16 after fp16 loss scaling."""
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             module.register_forward_hook(lambda _m, _args, out: out.to(torch.float16))
         elif isinstance(module, nn.LayerNorm):
             module.forward = types.MethodType(fp32_layer_norm, module)
+        elif type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(fp32_rms_norm, module)
 
 
 def fp32_layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     with torch.autocast(x.device.type, enabled=False):
         return torch.nn.functional.layer_norm(x.float(), module.normalized_shape, module.weight.float(),
                                               module.bias.float(), module.eps)
+
+
+def fp32_rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Llama's RMSNorm (x / rms(x) * weight) in fp32, returned in the input's dtype."""
+    with torch.autocast(x.device.type, enabled=False):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        return (module.weight.float() * h).to(x.dtype)
 
 
 def unwrap(model: nn.Module, through_peft: bool = False) -> nn.Module:

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from engine.config import (
-    GPT2_SIZES,
+    ModelConfig,
     deep_merge,
     load_config,
     needs_deepspeed,
@@ -35,6 +35,7 @@ from engine.config import (
     parse_override,
 )
 from engine.errors import ConfigError
+from engine.families import Shape
 from engine.memory.gpus import GPU, GPUS
 from engine.memory.measure import flops_per_token
 from engine.memory.simulate import compiled_bound, simulate_deep, with_gpu_margin
@@ -42,7 +43,6 @@ from engine.notices import library_log_path, workers_log_to
 from engine.recipes import CATALOG, Recipe, checkpointing, chunked_loss
 
 GIB = 2**30
-VOCAB = 50257
 
 # --- modelled costs (assumptions, not measurements on a GPU) ---------------------------------------------------
 # Host process without tensors: Python + torch + transformers + deepspeed imported, CUDA runtime on the host.
@@ -264,6 +264,12 @@ def with_margin(req: Request, peak: int) -> int:
 # --- host RAM and step time: modelled ---------------------------------------------------------------------------
 
 
+def model_shape(model: str) -> Shape:
+    """The architecture of `engine plan --model` (a named size or a model folder) as the simulation builds it."""
+    fam, arch = ModelConfig(name=model, init="random").architecture()
+    return fam.shape(arch)
+
+
 def host_bytes(n_params: int, zero_host: int, lora: bool) -> int:
     """Peak host RAM: the process, the model materialised in fp32 on the host before it moves to the GPU (4 B/param;
     DeepSpeed builds its host-side partitions while that copy still exists), and the offloaded states
@@ -278,10 +284,10 @@ def step_seconds_per_token(req: Request, s: Strategy, a: ActivationChoice, n_par
     benchmarks/results/clip_in_backward), times the measured factor of recompute and compiled blocks
     (`ActivationChoice.time_factor`), host<->device copies for offload at PCIE_BYTES_PER_S, and DeepSpeedCPUAdam on
     the host."""
-    n_layer, n_embd, _ = GPT2_SIZES.get(req.model, GPT2_SIZES["gpt2-xl"])
-    fpt = flops_per_token(n_params, n_layer, n_embd, req.seq_len, lora=req.lora)
+    shape = model_shape(req.model)
+    fpt = flops_per_token(n_params, shape.n_layer, shape.hidden, req.seq_len, lora=req.lora)
     if a.chunked_loss:
-        fpt += 2 * VOCAB * n_embd  # lm_head forward again in backward
+        fpt += 2 * shape.vocab * shape.hidden  # lm_head forward again in backward
     if s.in_backward and req.clip_in_backward == "exact":
         fpt *= 2  # a measuring forward+backward (with its recompute) before the stepping one
     seconds = fpt * tokens_per_step / (req.gpu.peak_tflops * 1e12 * ASSUMED_MFU) * a.time_factor(req.compile_blocks)

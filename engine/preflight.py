@@ -45,12 +45,13 @@ def predict_peak(cfg: RunConfig, env: DistEnv, device_type: str) -> dict:
 
 def preflight(cfg: RunConfig, env: DistEnv, device_type: str) -> dict | None:
     """Raise EngineError if the run is predicted not to fit; return the prediction (None if skipped)."""
-    if not cfg.train.preflight or (cfg.model.size is None and cfg.model.init != "random"):
-        return None  # a local checkpoint of unknown shape: nothing to simulate from before loading it
+    if not cfg.train.preflight or cfg.model.family_known() is None:
+        return None  # a hub model the engine does not name: nothing to simulate from before loading it
     pred = predict_peak(cfg, env, device_type)
 
     def how(budget: int) -> str:
-        return (f"`engine plan --model {cfg.model.size or 'gpt2'} --gpu-mem {budget / GIB:.1f}GiB --gpus {env.world_size}"
+        model = cfg.model.size or (cfg.model.name if cfg.model.init == "pretrained" else "gpt2")
+        return (f"`engine plan --model {model} --gpu-mem {budget / GIB:.1f}GiB --gpus {env.world_size}"
                 f" --seq-len {cfg.data.block_size}{' --lora' if cfg.memory.lora.enabled else ''}` finds one that fits; "
                 "train.preflight=false (or --no-preflight) tries anyway")
 

@@ -36,7 +36,7 @@ def run_layout(cfg: RunConfig, world_size: int, global_batch: int, tokenizer) ->
     """What a checkpoint's state depends on (saved with it; a resume must match it or convert it)."""
     m = cfg.model
     return {
-        "model": m.name, "init": m.init, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
+        "model": m.name, "init": m.init, "family": m.family, **m.overrides(),
         "vocab_size": len(tokenizer), "tokenizer": tokenizer_fingerprint(tokenizer), "seed": cfg.train.seed,
         "block_size": cfg.data.block_size, "backend": cfg.backend_for(world_size), "world_size": world_size,
         "global_batch": global_batch, "optimizer": cfg.optim.name,

@@ -1,7 +1,9 @@
 """The tokenizer of a run or of a trained model, and the fingerprint that identifies it.
 
 Every GPT-2 size shares one BPE vocabulary, vendored in `engine/assets/gpt2-tokenizer`, so nothing is
-downloaded; a folder with its own tokenizer files (a saved model, `model.tokenizer`) takes precedence.
+downloaded; a folder with its own tokenizer files (a saved model, `model.tokenizer`) takes precedence, and a
+pretrained hub model other than the named GPT-2 sizes brings its own from the hub. Random-init models of every
+family use the vendored one (engine.families sizes their embeddings to hold its ids).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 from pathlib import Path
 
 from engine.config import ModelConfig
+from engine.families import named_size
 from engine.errors import DataError, ModelLoadError
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "gpt2-tokenizer"
@@ -39,7 +42,9 @@ def load_tokenizer(model_cfg: ModelConfig):
     folder = model_cfg.tokenizer
     if folder is None and has_tokenizer_files(model_cfg.name):
         folder = model_cfg.name
-    if folder is None:
+    if folder is None and uses_hub_tokenizer(model_cfg):
+        tok = hub_tokenizer(model_cfg)
+    elif folder is None:
         tok = GPT2TokenizerFast.from_pretrained(str(TOKENIZER_DIR))
     else:
         if not has_tokenizer_files(folder):
@@ -54,6 +59,26 @@ def load_tokenizer(model_cfg: ModelConfig):
     if tok.eos_token is None:
         tok.add_special_tokens({"eos_token": "<|endoftext|>"})
     return _ready(tok)
+
+
+def uses_hub_tokenizer(model_cfg: ModelConfig) -> bool:
+    """A pretrained model from the hub whose tokenizer is not the vendored GPT-2 BPE (any hub id but a GPT-2 size)."""
+    name = model_cfg.name
+    if model_cfg.init != "pretrained" or name.startswith((".", "/", "~")) or Path(name).exists():
+        return False  # (a path: its folder's tokenizer files, or the vendored one)
+    found = named_size(model_cfg.name)
+    return found is None or found[0].model_type != "gpt2"
+
+
+def hub_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_cfg.hub_id(), trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError):
+        raise ModelLoadError(f"could not load the tokenizer of {model_cfg.name!r} from the model hub (offline or "
+                             f"unknown name): download the model elsewhere and pass model.name=/path/to/{model_cfg.name}, "
+                             "or set model.init=random to build its architecture with random weights") from None
 
 
 def tokenizer_of(folder: str):

@@ -1,24 +1,40 @@
 import pytest
 import torch
 
-from engine.config import GPT2_SIZES, validate_dict
+from engine.config import validate_dict
 from engine.errors import ModelLoadError
-from engine.model import apply_fused_gelu, build_model, gpt2_config, load_base_model, parameter_counts
+from engine.families import size_names
+from engine.model import apply_fused_gelu, build_model, load_base_model, parameter_counts, random_config
 
-# Parameter counts of the released checkpoints (tied LM head counted once).
+# Parameter counts of the released checkpoints (a tied head counted once), from their model cards / safetensors.
 RELEASED = {"distilgpt2": 81_912_576, "gpt2": 124_439_808, "gpt2-medium": 354_823_168,
-            "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+            "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
+            "SmolLM2-135M": 134_515_008, "SmolLM2-360M": 361_821_120, "Llama-3.2-1B": 1_235_814_400,
+            "SmolLM2-1.7B": 1_711_376_384, "Qwen2.5-0.5B": 494_032_768, "Qwen2.5-1.5B": 1_543_714_304,
+            "pythia-160m": 162_322_944, "pythia-410m": 405_334_016, "pythia-1b": 1_011_781_632,
+            "pythia-1.4b": 1_414_647_808}
+RELEASED["TinyLlama-1.1B"] = 1_100_048_384
 
 
-@pytest.mark.parametrize("size", list(GPT2_SIZES))
+def test_every_named_size_has_its_released_count():
+    assert set(RELEASED) == set(size_names())
+
+
+@pytest.mark.parametrize("size", list(RELEASED))
 def test_random_init_builds_exact_architecture(size):
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     cfg = validate_dict({"model": {"name": size, "init": "random"}})
     with torch.device("meta"):
-        model = GPT2LMHeadModel(gpt2_config(cfg))
-    assert parameter_counts(model)["total"] == RELEASED[size]
-    assert model.lm_head.weight is model.transformer.wte.weight
+        model = AutoModelForCausalLM.from_config(random_config(cfg))
+    fam, arch = cfg.model.architecture()
+    shape, published = fam.shape(arch), fam.named(size).config["vocab_size"]
+    # At random init a vocabulary smaller than the GPT-2 tokenizer's (TinyLlama, SmolLM2) holds its 50,257 ids.
+    extra_rows = (max(published, 50257) - published) * shape.hidden * (1 if shape.tied else 2)
+    assert parameter_counts(model)["total"] == RELEASED[size] + extra_rows
+    assert shape.vocab == max(published, 50257)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == shape.tied
 
 
 def test_offline_name_gives_clear_message(monkeypatch):

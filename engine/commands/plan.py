@@ -7,13 +7,14 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from engine.config import GPT2_SIZES
+from engine.families import folder_config, named_size, size_names
 from engine.errors import ConfigError
 from engine.memory.gpus import GPU, GPUS
 from engine.memory.simulate import COMPILED_BOUND, GPU_OVERHEAD
 from engine.plan import (
     GIB,
     Request,
+    model_shape,
     activation_choices,
     format_table,
     parse_size,
@@ -30,7 +31,9 @@ HELP = ('will it fit? predict GPU memory, host RAM and step time of every config
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="gpt2-xl", choices=list(GPT2_SIZES), help="model size (default gpt2-xl)")
+    p.add_argument("--model", default="gpt2-xl", metavar="SIZE|FOLDER",
+                   help=f"a named size ({', '.join(size_names())}) or a model folder with a config.json, "
+                        "planned with its architecture (default gpt2-xl)")
     p.add_argument("--gpu", choices=list(GPUS), help="a known GPU: sets memory, bf16 support and peak FLOP/s")
     p.add_argument("--gpu-mem", metavar="SIZE", help="memory per GPU, e.g. 16GiB (overrides --gpu's)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -62,11 +65,20 @@ def request_from_args(args) -> Request:
         gpu = replace(gpu, bf16=args.bf16)
     if args.gpus < 1:
         raise ConfigError("--gpus must be at least 1")
-    if args.seq_len < 2 or args.seq_len > 1024:
-        raise ConfigError(f"--seq-len {args.seq_len}: GPT-2 takes 2 to 1024 tokens")
+    found = named_size(args.model)
+    if found is None and folder_config(args.model) is None:
+        raise ConfigError(f"--model {args.model}: not a named size ({', '.join(size_names())}) nor a folder with a "
+                          "config.json")
+    model = found[1].name if found else args.model
+    try:
+        context = model_shape(model).context
+    except ValueError as e:
+        raise ConfigError(f"--model {args.model}: {e}") from None
+    if args.seq_len < 2 or args.seq_len > context:
+        raise ConfigError(f"--seq-len {args.seq_len}: {model} takes 2 to {context} tokens")
     if args.global_batch is not None and args.global_batch < args.gpus:
         raise ConfigError(f"--global-batch {args.global_batch} is smaller than --gpus {args.gpus}")
-    return Request(model=args.model, gpu=gpu, gpus=args.gpus,
+    return Request(model=model, gpu=gpu, gpus=args.gpus,
                    host_bytes=parse_size(args.host_mem) if args.host_mem else None, seq_len=args.seq_len,
                    global_batch=args.global_batch, lora=args.lora, clip_in_backward=args.clip_in_backward,
                    compile_blocks=args.compile)

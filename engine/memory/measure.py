@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.backends import make_backend
-from engine.config import GPT2_SIZES, RunConfig
+from engine.config import RunConfig
 from engine.devices import pick_device, resolve_precision, return_freed_host_memory
 from engine.distributed import DistEnv
 from engine.memory.meter import peak_rss_bytes
@@ -71,8 +71,10 @@ class Measurement:
 
 
 def model_shape(cfg: RunConfig) -> tuple[int, int]:
-    base = GPT2_SIZES.get(cfg.model.size or "", (None, None, None))
-    return cfg.model.n_layer or base[0], cfg.model.n_embd or base[1]
+    """(blocks, hidden size) of a random-init configuration (what measure() builds)."""
+    fam, arch = cfg.model.architecture()
+    shape = fam.shape(arch)
+    return shape.n_layer, shape.hidden
 
 
 def build_for(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
@@ -112,9 +114,10 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
     if track:
         tracker.track_backend(backend)
     gen = torch.Generator().manual_seed(0)
+    vocab = min(model.get_input_embeddings().weight.shape[0], 50257)
 
     def step() -> float:
-        x = torch.randint(0, 50257, (micro, seq), generator=gen)
+        x = torch.randint(0, vocab, (micro, seq), generator=gen)
         batches = [{"input_ids": x, "labels": x, "n_tokens": micro * (seq - 1)} for _ in range(accum)]
         t = time.perf_counter()
         backend.train_step(batches)  # reads the loss: a host sync, so the time is the step's

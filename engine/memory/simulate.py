@@ -30,11 +30,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from engine.backends.deepspeed_backend import load_user_ds_json, make_ds_config
 from engine.backends.torch_backend import single_device_backend
-from engine.config import GPT2_SIZES, STATE_BYTES, RunConfig
+from engine.config import STATE_BYTES, RunConfig
 from engine.devices import resolve_precision
 from engine.distributed import DistEnv
 from engine.loss import lm_loss_sum
 from engine.memory.tracker import CUDA_BLOCK, MemoryTracker, in_backward
+from engine.families import family_of
 from engine.model import DTYPES, build_model, parameter_counts, unwrap
 
 GIB = 2**30
@@ -280,7 +281,8 @@ def label_phases(model: torch.nn.Module, tracker: MemoryTracker, edge: int) -> l
     backward ends when its input's gradient is computed), the optimizer step. Within one label, memory is linear
     in the model's depth, which is what `simulate_deep` extrapolates."""
     lm = unwrap(model, through_peft=True)
-    blocks, handles = list(lm.transformer.h), []
+    fam = family_of(lm)
+    blocks, handles = list(fam.blocks(lm)), []
     n = len(blocks)
 
     def on_block(i: int):
@@ -305,8 +307,8 @@ def label_phases(model: torch.nn.Module, tracker: MemoryTracker, edge: int) -> l
         tracker.phase, tracker.bwd_phase = "fwd:head", f"bwd:head+{_block_label(n - 1, n, edge)}"
 
     handles += [b.register_forward_pre_hook(on_block(i)) for i, b in enumerate(blocks)]
-    handles.append(lm.transformer.ln_f.register_forward_hook(on_head))
-    handles.append(lm.transformer.register_forward_pre_hook(lambda m, a: setattr(tracker, "phase", "fwd:embeddings")))
+    handles.append(fam.final_norm(lm).register_forward_hook(on_head))
+    handles.append(fam.body(lm).register_forward_pre_hook(lambda m, a: setattr(tracker, "phase", "fwd:embeddings")))
     return handles
 
 
@@ -378,7 +380,8 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
     tracker = MemoryTracker(round_to=CUDA_BLOCK if kernel == "cuda" else 1,
                             weights={"parameters": 0, "gradients": grad_share} if deepspeed else None)
     # Token ids are real tensors (their count is read on the host); everything else is fake.
-    x = torch.randint(0, 50257, (micro, seq), generator=torch.Generator().manual_seed(0))
+    vocab = min(cfg.model.architecture()[1]["vocab_size"], 50257)
+    x = torch.randint(0, vocab, (micro, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": x, "labels": x, "n_tokens": micro * (seq - 1)}
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
@@ -434,7 +437,8 @@ def simulate_deep(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_worl
     checkpointing period) are simulated with phase labels, each phase's peak and breakdown is extrapolated
     linearly to the real depth, and the largest phase is the peak. Exactness is tested against full simulations."""
     cfg = with_concrete_precision(cfg, kernel)
-    n = cfg.model.n_layer or GPT2_SIZES[cfg.model.size][0]
+    fam, arch = cfg.model.architecture()
+    n = fam.shape(arch).n_layer
     k = cfg.memory.checkpoint_every_n_layers if cfg.memory.activation_checkpointing else 1
     # Every phase label present, and the same checkpointing pattern from the top block down as at depth n.
     l1 = 2 * (k + 1) + 2
