@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.errors import ConfigError, ModelLoadError
-from engine.families import FAMILIES, OVERRIDE_KEYS, Family, folder_config, named_size, random_architecture
+from engine.families import OVERRIDE_KEYS, Family, Shape, family, folder_config, named_size, random_architecture
 
 
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
@@ -90,16 +90,22 @@ class ModelConfig(Section):
     def family_known(self) -> Family | None:
         """The family, where it is known before loading: random init, a named size, or a local folder's config.json
         (None for a hub id the engine does not name)."""
+        known = self._known()
+        return known[0] if known else None
+
+    def shape_known(self) -> Shape | None:
+        """The architecture's shape where it is known before loading (as `family_known`)."""
+        known = self._known()
+        return known[0].shape(known[1]) if known else None
+
+    def _known(self) -> tuple[Family, dict] | None:
         if self.init == "random":
-            return self.architecture()[0]
+            return self.architecture()
         found = named_size(self.name)
         if found:
-            return found[0]
-        try:
-            saved = folder_config(self.name)
-            return FAMILIES.get(saved.get("model_type")) if saved else None
-        except ModelLoadError:
-            return None
+            return found[0], found[1].config
+        saved = folder_config(self.name) if Path(self.name).is_dir() else None
+        return (family(saved.get("model_type", "?")), saved) if saved else None
 
 
 class DataConfig(Section):
@@ -525,19 +531,13 @@ def check_model(cfg: RunConfig) -> None:
         set_keys = [k for k in (*OVERRIDE_KEYS, "family") if getattr(m, k) is not None]
         if set_keys:
             raise ValueError(f"model.{'/'.join(set_keys)} only apply to model.init=random")
-    fam = m.family_known()
-    shape = None
+    fam, shape = m.family_known(), m.shape_known()
     if m.init == "random":
-        fam, arch = m.architecture()
-        problem = fam.check(arch)
+        problem = fam.check(m.architecture()[1])
         if problem:
             raise ValueError(problem)
-        shape = fam.shape(arch)
-        if cfg.data.block_size > shape.context:
-            raise ValueError(f"data.block_size={cfg.data.block_size} exceeds the model's context of {shape.context} tokens")
-    elif m.size:
-        found = named_size(m.name)
-        shape = found[0].shape(found[1].config)
+    if shape and cfg.data.block_size > shape.context:
+        raise ValueError(f"data.block_size={cfg.data.block_size} exceeds the model's context of {shape.context} tokens")
     if shape and mem.freeze.first_n_blocks >= shape.n_layer:
         raise ValueError(f"memory.freeze.first_n_blocks={mem.freeze.first_n_blocks} would freeze all {shape.n_layer} blocks")
     if fam is not None:

@@ -116,3 +116,16 @@ def test_in_place_cross_entropy_gradient_equals_autograds_and_allocates_no_logit
     all_ignored = torch.full((24,), IGNORE_INDEX)
     loss, grad = _ce_sum_and_grad(logits.clone(), all_ignored)
     assert float(loss) == 0 and not grad.any()
+
+
+def test_deferred_head_grad_added_in_row_blocks_is_the_same_sum(monkeypatch):
+    """The head's weight gradient added into the embedding's a few rows at a time (a ragged last block): the one-block
+    sum, up to summation order (fp32)."""
+    import engine.loss
+
+    model = tiny_lm()
+    _, whole = grads(model, chunk=16, defer=True)
+    monkeypatch.setattr(engine.loss, "HEAD_GRAD_BLOCK", 7 * HIDDEN)
+    _, blocked = grads(model, chunk=16, defer=True)
+    for k in whole:
+        torch.testing.assert_close(blocked[k], whole[k], rtol=0, atol=1e-6)

@@ -71,15 +71,20 @@ def test_options_between_overrides_end_to_end(corpus, tmp_path):
 
 def test_pretrained_model_from_the_default_preset_needs_two_keys(lm_runs, tmp_path):
     """3. `model.init=pretrained model.name=PATH` over the default preset: its random-init architecture keys do not
-    leak into the pretrained run; set in the same layer as init=pretrained they are still an error."""
+    leak into the pretrained run; set in the same layer as init=pretrained they are still an error. The folder's own
+    context is checked against data.block_size at once."""
     preset = resolve_config_path(DEFAULT_PRESET)
     model_dir = str(lm_runs["full"] / "model")
-    cfg = load_config([preset], ["model.init=pretrained", f"model.name={model_dir}"])
+    # this saved model's context is 64 tokens, the preset's blocks 128: known from its config.json, before loading
+    with pytest.raises(ConfigError, match="data.block_size=128 exceeds the model's context of 64 tokens"):
+        load_config([preset], ["model.init=pretrained", f"model.name={model_dir}"])
+    blocks = "data.block_size=64"
+    cfg = load_config([preset], ["model.init=pretrained", f"model.name={model_dir}", blocks])
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.n_positions) == (None,) * 4
     assert cfg.model.name == model_dir and cfg.optim.lr == load_config([preset]).optim.lr  # the rest of the preset stays
     with pytest.raises(ConfigError, match="only apply to model.init=random"):
-        load_config([preset], ["model.init=pretrained", f"model.name={model_dir}", "model.n_layer=2"])
-    rc, out, err = run_main(["train", "model.init=pretrained", f"model.name={model_dir}", "--dry-run",
+        load_config([preset], ["model.init=pretrained", f"model.name={model_dir}", "model.n_layer=2", blocks])
+    rc, out, err = run_main(["train", "model.init=pretrained", f"model.name={model_dir}", blocks, "--dry-run",
                              f"logging.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"])
     assert rc == 0, err
     assert "n_layer: null" in out and f"name: {model_dir}" in out

@@ -68,9 +68,10 @@ def folder_config(name: str) -> dict | None:
         raise ModelLoadError(f"could not read {path}: {e}") from None
 
 
-# Keys of a saved config.json that describe the file, not the architecture.
+# Keys of a saved config.json that describe the file or its tokenizer, not the architecture (a pad id would also make
+# transformers look into the token ids for padding, which the simulator's fake tensors cannot answer).
 _NOT_ARCHITECTURE = ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "auto_map",
-                     "model_type", "quantization_config")
+                     "model_type", "quantization_config", "pad_token_id")
 
 
 def random_architecture(name: str, family_name: str | None, overrides: dict) -> tuple[Family, dict]:

@@ -1,0 +1,182 @@
+"""Beyond GPT-2: a tiny random model of each other family (Llama, Qwen2, GPT-NeoX) trains with each memory feature,
+against its own plain step, or a feature that cannot apply is rejected in one line (engine/families/).
+
+Tiny: 2 blocks, 32 wide, 2 heads (Llama/Qwen2: 1 key/value head), 64 positions, dropout 0, the GPT-2 tokenizer's
+50,257 rows. Tolerances are tests/test_training.py's (PARITY_TOL, IN_BACKWARD_TOL)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import NATIVE_BF16, assert_resumes_exactly, precisions, run_inprocess, tiny_overrides
+from engine.config import load_config, validate_dict
+from engine.errors import ConfigError, EngineError
+from engine.families import FAMILIES, family_of
+from engine.model import build_model, compute_fp16_from_bf16
+from test_training import IN_BACKWARD_TOL, PARITY_TOL
+
+TINY_OF = {"llama": "SmolLM2-135M", "qwen2": "Qwen2.5-0.5B", "gpt_neox": "pythia-160m"}
+FAMS = list(TINY_OF)
+NO_CLIP = {"grad_clip": None}
+BF16 = "bf16" if NATIVE_BF16 else "fp32"  # the 16-bit weights' compute where this CPU has bf16, else fp32 masters
+
+
+def tiny_model(fam: str) -> dict:
+    return {"name": TINY_OF[fam], "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "vocab_size": 50257,
+            "dropout": 0.0}
+
+
+def run(corpus, out, fam, **extra):
+    return run_inprocess(corpus, out, model=tiny_model(fam), **extra)
+
+
+@pytest.fixture(scope="module")
+def plain(corpus, tmp_path_factory):
+    """Each family's plain step, per precision and optimizer settings, trained once per module."""
+    made = {}
+
+    def get(fam: str, precision: str = "fp32", **extra) -> list[float]:
+        key = (fam, precision, json.dumps(extra, sort_keys=True))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"plain_{fam}_{precision}") / "run"
+            made[key] = run(corpus, out, fam, memory={"precision": precision}, **extra)[1]
+        return made[key]
+
+    return get
+
+
+def test_every_family_is_registered_with_what_the_engine_reads():
+    assert set(FAMILIES) == {"gpt2", *FAMS}
+    for fam in FAMILIES.values():
+        assert fam.sizes and fam.lora_targets and fam.keys.keys() >= {"n_layer", "n_embd", "n_head", "n_positions"}
+
+
+@pytest.mark.parametrize("fam", FAMS)
+@pytest.mark.parametrize("policy, precision", [*precisions("fp32", "bf16", before=("full",)),
+                                               pytest.param("selective", "fp32", id="selective-fp32")])
+def test_recompute_and_chunked_loss_parity(corpus, tmp_path, plain, fam, precision, policy):
+    """Every block checkpointed (full or selective) and the loss in chunks of 16 tokens: the plain step's losses."""
+    _, losses = run(corpus, tmp_path / "run", fam, memory={"precision": precision, "activation_checkpointing": True,
+                                                            "checkpoint_policy": policy, "loss_chunk_size": 16})
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain(fam, precision)), rtol=0,
+                               atol=PARITY_TOL[precision])
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_in_backward_step_matches_the_plain_step(corpus, tmp_path, plain, fam):
+    """A step per parameter inside backward (with the deferred head gradient where the head is tied: Llama and Qwen2
+    here, not GPT-NeoX's untied embed_out), 12 steps without clipping: the plain step's losses."""
+    common = dict(optim=NO_CLIP, train={"max_steps": 12})
+    _, losses = run(corpus, tmp_path / "run", fam, memory={"optimizer_in_backward": True, "loss_chunk_size": 16},
+                    **common)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain(fam, "fp32", **common)), rtol=0,
+                               atol=IN_BACKWARD_TOL["fp32"])
+
+
+@pytest.mark.parametrize("fam, optim", [("llama", "adamw_8bit"), ("qwen2", "adamw_8bit"), ("gpt_neox", "adamw_8bit"),
+                                        ("qwen2", "adafactor"), ("llama", "adamw_4bit")])
+def test_bf16_weights_with_small_states_learn_like_fp32(corpus, tmp_path, plain, fam, optim):
+    """bf16 weights stepped in backward with 8-bit AdamW (every family), Adafactor and 4-bit AdamW: 16 steps at lr 1e-3
+    end within 1% of the fp32 plain step's loss and make 90% of its progress (fp32 compute where this CPU has no
+    bf16: then the weights are fp32 masters and only the states differ)."""
+    memory = {"optimizer_in_backward": True, "precision": BF16, "loss_chunk_size": 16}
+    if NATIVE_BF16:
+        memory["master_weights"] = "bf16"
+    common = dict(optim={**NO_CLIP, "lr": 1e-3}, train={"max_steps": 16})
+    _, losses = run(corpus, tmp_path / "run", fam, memory=memory, **{**common, "optim": {**common["optim"], "name": optim}})
+    ref = plain(fam, "fp32", **common)
+    assert losses[-1] == pytest.approx(ref[-1], rel=0.01), (losses[-4:], ref[-4:])
+    assert ref[0] - losses[-1] >= 0.9 * (ref[0] - ref[-1])
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_state_resumes_exactly(corpus, tmp_path, fam):
+    """bf16 weights (where the CPU has bf16) and 8-bit states stepped in backward: the run cut at step 4 and
+    resumed logs what the run that never stopped logged, bit for bit."""
+    memory = {"optimizer_in_backward": True, "precision": BF16, "loss_chunk_size": 16}
+    if NATIVE_BF16:
+        memory["master_weights"] = "bf16"
+    assert_resumes_exactly(corpus, tmp_path, model=tiny_model(fam), memory=memory,
+                           optim={**NO_CLIP, "name": "adamw_8bit"})
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_qlora_trains_and_exports_a_plain_model_transformers_loads(corpus, tmp_path, fam):
+    """The family's default LoRA targets over an NF4 base (every matmul of the blocks, nn.Linear: no transpose):
+    trains, and the merged export is the family's own transformers class again, with no 4-bit module left."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    summary, losses = run(corpus, tmp_path / "run", fam, optim={"lr": 1e-2},
+                          memory={"precision": BF16, "lora": {"enabled": True, "quantize_base": "nf4"}})
+    assert losses[-1] < losses[0]
+    merged = AutoModelForCausalLM.from_pretrained(summary["export"]["model"])
+    assert merged.config.model_type == fam
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    cfg = validate_dict(tiny_overrides(corpus, tmp_path, model=tiny_model(fam), memory={
+        "precision": BF16, "lora": {"enabled": True, "quantize_base": "nf4"}}))
+    model = build_model(cfg, 50257)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    targets = FAMILIES[fam].lora_targets
+    assert len(quantized) == 2 * len(targets) and all(
+        n.removesuffix(".base_layer").rpartition(".")[2] in targets for n in quantized)
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_zero_3_trains_the_plain_steps_losses(corpus, tmp_path, plain, fam):
+    """DeepSpeed ZeRO-3 (one process) with checkpointing: the plain step's losses."""
+    _, losses = run(corpus, tmp_path / "run", fam, train={"backend": "deepspeed"},
+                    memory={"zero_stage": 3, "activation_checkpointing": True})
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain(fam)), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_freeze_takes_the_familys_embeddings_and_first_blocks(corpus, tmp_path, fam):
+    cfg = validate_dict(tiny_overrides(corpus, tmp_path, model=tiny_model(fam),
+                                       memory={"freeze": {"embeddings": True, "first_n_blocks": 1}}))
+    model = build_model(cfg, 50257)
+    family = family_of(model)
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    assert all(id(p) in frozen for p in model.get_input_embeddings().parameters())
+    assert all(id(p) in frozen for p in family.blocks(model)[0].parameters())
+    assert not any(id(p) in frozen for p in family.blocks(model)[1].parameters())
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen2"])
+def test_bf16_weights_compute_in_fp16_with_an_fp16_residual_stream(corpus, tmp_path, fam):
+    """The T4 form on an RMSNorm family: the norms run in fp32 and hand back fp16, so every block's output (the
+    residual stream) stays fp16 under fp16 autocast from bf16 weights."""
+    cfg = validate_dict(tiny_overrides(corpus, tmp_path, model=tiny_model(fam), optim=NO_CLIP, memory={
+        "precision": "fp16", "optimizer_in_backward": True, "master_weights": "bf16"}))
+    model = build_model(cfg, 50257)
+    compute_fp16_from_bf16(model)
+    seen = []
+    for block in family_of(model).blocks(model):
+        block.register_forward_hook(lambda _m, _a, out: seen.append((out[0] if isinstance(out, tuple) else out).dtype))
+    with torch.autocast("cpu", dtype=torch.float16):
+        logits = model(torch.zeros(1, 8, dtype=torch.long)).logits
+    assert seen == [torch.float16, torch.float16] and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_gpt2s_gelu_swap_is_rejected_in_one_line(fam):
+    with pytest.raises(ConfigError, match=f"a {fam} model's MLP .* has none: unset it"):
+        load_config(None, [f"model.name={TINY_OF[fam]}", "model.init=random", "memory.fused_gelu=true"])
+
+
+def test_another_architecture_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral", "hidden_size": 32}))
+    with pytest.raises(EngineError, match="model_type 'mistral' is not supported: the engine runs gpt2, llama"):
+        load_config(None, [f"model.name={tmp_path}", "model.init=random"])
+
+
+def test_random_init_from_a_folders_config(corpus, tmp_path):
+    """A model folder's config.json is an architecture too (its weights are not read): what `engine plan --model
+    FOLDER` and the pre-flight simulate."""
+    cfg = validate_dict(tiny_overrides(corpus, tmp_path, model=tiny_model("qwen2")))
+    build_model(cfg, 50257).save_pretrained(tmp_path / "saved")
+    again = load_config(None, [f"model.name={tmp_path / 'saved'}", "model.init=random", "data.block_size=32"])
+    fam, arch = again.model.architecture()
+    assert fam.model_type == "qwen2" and fam.shape(arch) == cfg.model.architecture()[0].shape(
+        cfg.model.architecture()[1])
