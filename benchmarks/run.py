@@ -175,7 +175,7 @@ def run_baseline(overrides: list[str], steps: int) -> dict:
     """The seeds' recipe: HF Trainer, fp32 AdamW, line by line with padding='max_length', no checkpointing."""
     import torch
     from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from engine.config import load_config
     from engine.data import SAMPLE_CORPUS, read_documents
@@ -194,7 +194,7 @@ def run_baseline(overrides: list[str], steps: int) -> dict:
     torch.manual_seed(0)
     mcfg = random_config(cfg)
     mcfg._attn_implementation = cfg.model.attn_implementation
-    model = GPT2LMHeadModel(mcfg)
+    model = AutoModelForCausalLM.from_config(mcfg)
     args = TrainingArguments(output_dir=str(ROOT / "benchmarks/results/.baseline_tmp"), per_device_train_batch_size=micro,
                              max_steps=steps + 1, report_to=[], save_strategy="no", logging_strategy="no",
                              use_cpu=not torch.cuda.is_available(), learning_rate=5e-5, disable_tqdm=True,

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 GIB = 2**30
 
+from engine.families import size_names  # noqa: E402
 from engine.recipes import CATALOG, NF4_BASE, PLAIN_STEP, optimizer, precision  # noqa: E402
 
 LOW_MEMORY = ["--config", "gpt2-xl_full_t4"]  # the catalog's adamw_8bit_inb (engine/recipes.py)
@@ -62,6 +63,21 @@ FILE_NAMES = {"bf16_weights": "full_bf16_weights", "adamw_4bit": "full_bf16_weig
               "bf16_weights_compiled": "full_bf16_weights_compiled"}
 
 
+def family_preset(model: str, preset: list[str]) -> tuple[list[str], list[str]]:
+    """A gpt2-xl preset for `model`: the model's own preset of that kind where one ships (configs/qwen2.5-1.5b_full_8gb
+    for gpt2-xl_full_8gb), else the GPT-2 preset with its GPT-2-only keys reset (the GELU swap, the LoRA targets)."""
+    from engine.config import preset_dir
+    from engine.families import named_size
+
+    found = named_size(model)
+    if found is None or found[0].model_type == "gpt2":
+        return preset, []
+    own = f"{found[1].name.lower()}_{preset[1].removeprefix('gpt2-xl_')}"
+    if (preset_dir() / f"{own}.yaml").exists():
+        return ["--config", own], []
+    return preset, ["memory.fused_gelu=null", "memory.lora.target_modules=null"]
+
+
 def cfg_from(args: list[str]):
     from engine.config import resolve_config_path
     from engine.config import load_config
@@ -75,7 +91,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--recipe", default="full", choices=sorted(RECIPES), help="what to measure (see above)")
-    ap.add_argument("--model", default="gpt2-xl", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+    ap.add_argument("--model", default="gpt2-xl", choices=[n for n in size_names() if n != "distilgpt2"],
+                    help="a named size: GPT-2, or another family's (its own preset where one ships)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/single_device"))
     args = ap.parse_args()
     from benchmarks.run import BASELINE_RECIPE
@@ -86,6 +103,8 @@ def main() -> None:
     name = f"{args.model}_{FILE_NAMES.get(args.recipe, args.recipe)}"
     preset, extra = RECIPES[args.recipe]
     bf16_weights = preset[1] != LOW_MEMORY[1]  # those presets compute in 16 bits: bf16 here (native or emulated)
+    preset, family_keys = family_preset(args.model, preset)
+    extra = family_keys + extra
     common = [o if not (bf16_weights and o.startswith("memory.precision=")) else "memory.precision=bf16" for o in COMMON]
     overrides = common + [f"model.name={args.model}"] + extra
     cfg = cfg_from(preset + overrides)
