@@ -213,6 +213,15 @@ def activation_choices(strategy: Strategy) -> list[ActivationChoice]:
     return out
 
 
+def loss_chunk_tokens(seq_len: int, vocab: int) -> int:
+    """The chunked loss's tokens per chunk: one sequence for a GPT-2-sized vocabulary (<= 2^16), fewer for a larger
+    one (Llama 3's 128k, Qwen2's 152k), in multiples of 64, so a chunk's logits stay within what a sequence of
+    GPT-2's make."""
+    if vocab <= 2**16:
+        return seq_len
+    return max(64, seq_len * 2**16 // vocab // 64 * 64)
+
+
 def config_overrides(req: Request, s: Strategy, a: ActivationChoice, micro: int, accum: int) -> list[str]:
     """The engine settings of one candidate (model name as given, pretrained weights)."""
     precision = "bf16" if req.gpu.bf16 else "fp16"
@@ -222,7 +231,7 @@ def config_overrides(req: Request, s: Strategy, a: ActivationChoice, micro: int,
     if a.checkpoint_every:
         ov += checkpointing(a.checkpoint_every, a.policy)
     if a.chunked_loss:
-        ov += chunked_loss(req.seq_len)
+        ov += chunked_loss(loss_chunk_tokens(req.seq_len, model_shape(req.model).vocab))
     if s.in_backward and req.clip_in_backward != "stale":
         ov.append(f"optim.clip_in_backward={req.clip_in_backward}")
     if req.compile_blocks:

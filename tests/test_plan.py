@@ -145,6 +145,18 @@ def test_plan_cli_errors_are_one_line():
     assert r.returncode == 2 and r.stderr.strip().startswith("error: say which GPU") and "Traceback" not in r.stderr
     r = run_inprocess_cli(["plan", "--gpu-mem", "lots"])
     assert r.returncode == 2 and "cannot read the size 'lots'" in r.stderr
+    r = run_inprocess_cli(["plan", "--model", "gpt5", "--gpu-mem", "8GiB"])
+    assert r.returncode == 2 and "--model gpt5: not a named size (distilgpt2, gpt2" in r.stderr
+    r = run_inprocess_cli(["plan", "--model", "pythia-1b", "--gpu-mem", "8GiB", "--seq-len", "4096"])
+    assert r.returncode == 2 and "--seq-len 4096: pythia-1b takes 2 to 2048 tokens" in r.stderr
+
+
+def test_the_chunked_loss_takes_fewer_tokens_of_a_larger_vocabulary():
+    from engine.plan import loss_chunk_tokens
+
+    assert loss_chunk_tokens(1024, 50257) == 1024  # GPT-2's: one sequence, as the recorded plan figures have it
+    assert loss_chunk_tokens(1024, 151936) == 384  # Qwen2's logits per chunk within GPT-2's per sequence
+    assert loss_chunk_tokens(128, 151936) == 64
 
 
 def test_plan_cli_writes_a_config_for_a_tiny_budget(tmp_path):
