@@ -316,11 +316,17 @@ def apply_lora(model: nn.Module, cfg: RunConfig, extra_trainable: list[str] | No
     fam = family_of(model)
     emb = model.get_input_embeddings()
     emb_name = next(name for name, mod in model.named_modules() if mod is emb).rpartition(".")[2]
+    targets = list(lc.target_modules or fam.lora_targets)
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]  # (peft's suffix match)
+    if missing:
+        raise ConfigError(f"memory.lora.target_modules: {', '.join(missing)} name no module of this {fam.model_type} "
+                          f"model; its matmuls are {', '.join(fam.lora_targets)} (null targets them all)")
     peft_cfg = LoraConfig(
         r=lc.r,
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
-        target_modules=list(lc.target_modules or fam.lora_targets),
+        target_modules=targets,
         # GPT-2's Conv1D stores weights as [in, out]; QLoRA's Linear4bit stores [out, in] like nn.Linear.
         fan_in_fan_out=fam.conv1d and lc.quantize_base == "none",
         bias="none",

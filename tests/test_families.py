@@ -168,6 +168,13 @@ def test_gpt2s_gelu_swap_is_rejected_in_one_line(fam):
         load_config(None, [f"model.name={TINY_OF[fam]}", "model.init=random", "memory.fused_gelu=true"])
 
 
+def test_gpt2_lora_targets_on_another_family_are_one_line(corpus, tmp_path):
+    cfg = validate_dict(tiny_overrides(corpus, tmp_path, model=tiny_model("qwen2"),
+                                       memory={"lora": {"enabled": True, "target_modules": ["c_attn", "q_proj"]}}))
+    with pytest.raises(ConfigError, match="c_attn name no module of this qwen2 model; its matmuls are q_proj, k_proj"):
+        build_model(cfg, 50257)
+
+
 def test_another_architecture_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral", "hidden_size": 32}))
     with pytest.raises(EngineError, match="model_type 'mistral' is not supported: the engine runs gpt2, llama"):

@@ -352,3 +352,20 @@ def test_compiled_runs_are_predicted_by_the_measured_bound():
     for r in rows_compiled:  # the bound costs each candidate memory: a smaller micro-batch, or more at the same one
         e = by[r.name]
         assert r.micro < e.micro or (r.micro == e.micro and r.gpu_bytes > e.gpu_bytes), (r.name, r.micro, e.micro)
+
+
+@pytest.mark.parametrize("model, lora", [("Qwen2.5-1.5B", False), ("SmolLM2-1.7B", True), ("pythia-1.4b", False),
+                                         ("Llama-3.2-1B", False)])
+def test_every_candidate_is_a_valid_run_of_another_family(model, lora):
+    """The plan's configurations of a non-GPT-2 model load as configs (no GPT-2-only key such as the GELU swap), and
+    the chunked loss takes the vocabulary's share of a sequence."""
+    from engine.config import load_config
+    from engine.plan import config_overrides, loss_chunk_tokens, model_shape
+
+    req = Request(model=model, gpu=GPUS["t4"], lora=lora)
+    chunk = loss_chunk_tokens(req.seq_len, model_shape(model).vocab)
+    for s in strategies(req):
+        for a in activation_choices(s):
+            cfg = load_config(None, config_overrides(req, s, a, 1, 1) + ["model.init=random"])
+            assert cfg.model.size == model and cfg.memory.fused_gelu is None
+            assert cfg.memory.loss_chunk_size == (chunk if a.chunked_loss else None)

@@ -105,6 +105,11 @@ def run(args) -> int:
           f"{GPU_OVERHEAD['fragmentation']:.0%} margin. host GiB and time: modelled (see engine/plan.py). "
           "time: per token, relative to the fastest configuration without recompute or offload.")
     if chosen is None:
+        smallest = min(rows, key=lambda row: row.gpu_bytes)
+        if smallest.gpu_bytes > req.gpu.memory_mib * 2**20:  # why not: the arithmetic itself
+            print(f"\nNothing fits: the smallest {'LoRA' if req.lora else 'full fine-tune'} configuration, "
+                  f"{smallest.name} at micro-batch {smallest.micro}, needs {smallest.gpu_bytes / GIB:.2f} GiB per GPU "
+                  f"(simulated, with the margin) against {req.gpu.memory_mib / 1024:.2f}.")
         print("\nNothing fits. Try --lora, more GPUs (--gpus), a shorter --seq-len"
               + (", more host RAM" if req.host_bytes else "") + (" or a smaller --global-batch." if req.global_batch else "."))
         return 1
