@@ -23,6 +23,7 @@ from engine.checkpoint import checkpoint_problem, export_model, newest_complete,
 from engine.config import load_config
 from engine.devices import pick_device
 from engine.errors import EngineError, ModelLoadError
+from engine.families import context_of
 from engine.model import build_model, from_pretrained, is_local_path, load_base_model, resize_vocab
 from engine.portable import check_names
 from engine.resume import checkpoint_layout
@@ -44,8 +45,7 @@ class Trained:
 
     @property
     def context(self) -> int:
-        c = self.model.config
-        return int(getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None) or 1024)
+        return context_of(self.model.config)
 
 
 def locate(path: str) -> tuple[str, str, Path | None]:

@@ -43,7 +43,8 @@ def _has_cuda() -> bool:
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(
         prog="engine",
-        description="Memory-optimized fine-tuning of GPT-2 (up to gpt2-xl): ZeRO, offload, checkpointing, 8-bit Adam, LoRA.",
+        description="Memory-optimized fine-tuning of GPT-2 (up to gpt2-xl) and Llama, Qwen2, GPT-NeoX models of that size: "
+                    "ZeRO, offload, checkpointing, 8-bit Adam, LoRA.",
         epilog=f"The libraries' own log notices go to {library_log_path()} (set ENGINE_LOG to change it).",
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher

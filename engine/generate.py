@@ -17,6 +17,7 @@ import torch
 from engine.artifacts import load_trained
 from engine.config import SampleConfig
 from engine.errors import ConfigError, EngineError
+from engine.families import context_of
 from engine.records import PROMPT_SLOT, fill_prompt
 
 SAMPLING_ONLY = ("temperature", "top_k", "top_p")
@@ -61,7 +62,7 @@ def generate(model, tok, prompts: list[str], s: SampleConfig, context: int | Non
     text (= the templated prompt + completion), new_tokens, stop_reason."""
     if s.max_new_tokens < 1:
         raise ConfigError("max_new_tokens must be at least 1 to generate anything")
-    context = context or int(getattr(model.config, "n_positions", 1024))
+    context = context or context_of(model.config)
     written = [fill_prompt(check_template(template), p) for p in prompts]
     all_ids = check_prompts(written, tok, context)
     eos = _eos_ids(model, tok, s.stop)

@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from engine.config import RunConfig, family_feature_problem
 from engine.errors import ConfigError, ModelLoadError
-from engine.families import Family, family_of
+from engine.families import Family, context_of, family_of
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -363,7 +363,7 @@ def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int | No
             setattr(model.config, key, value)
             if getattr(model, "generation_config", None) is not None:
                 setattr(model.generation_config, key, value)
-    context = getattr(model.config, fam.keys["n_positions"])
+    context = context_of(model.config)
     if cfg.data.block_size > context:
         raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds {cfg.model.name}'s context of {context} tokens")
     mem = cfg.memory

@@ -44,6 +44,13 @@ def family_of(model) -> Family:
     return family(model.config.model_type)
 
 
+def context_of(config) -> int:
+    """A transformers config's context length (its family's key; n_positions or max_position_embeddings otherwise)."""
+    fam = FAMILIES.get(getattr(config, "model_type", None))
+    key = fam.keys["n_positions"] if fam else "n_positions" if hasattr(config, "n_positions") else "max_position_embeddings"
+    return int(getattr(config, key, None) or 1024)
+
+
 def named_size(name: str) -> tuple[Family, NamedSize] | None:
     """A named size of any family by its engine name or hub id (case-insensitive), or None."""
     for fam in FAMILIES.values():
