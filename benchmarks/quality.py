@@ -13,6 +13,7 @@ owed to clipping), tokens/s on this machine.
     .venv/bin/python benchmarks/quality.py                      # 4-layer 128-wide model, 3 seeds, the whole grid
     .venv/bin/python benchmarks/quality.py --domains code --lrs high --recipes adamw_8bit_inb adamw_8bit_inb_exact
     .venv/bin/python benchmarks/quality.py --size gpt2-medium   # gpt2-medium, random init, 1 seed, fewer steps
+    .venv/bin/python benchmarks/quality.py --size small-qwen2   # the small model's shape in the Qwen2 family
 
 Every finished run is recorded in results.json at once and read back instead of rerun, so an interrupted grid (or one
 split over several sessions) continues where it stopped; results.md is redrawn from all recorded runs.
@@ -94,6 +95,11 @@ SIZES = {
     # size: (model overrides, micro-batch, pretrain steps, fine-tune steps, pretraining lr / 3, seeds)
     "small": (["model.name=gpt2", "model.n_layer=4", "model.n_embd=128", "model.n_head=4", "model.n_positions=128"],
               8, 300, 150, 5e-4, [1, 2, 3]),
+    # the same shape in the Qwen2 family (RMSNorm, rotary, one key/value head, SwiGLU of its 5.4x inner size, q/k/v
+    # biases); GPT-2's tokenizer and its 50,257 rows; the default preset's GPT-2 GELU swap unset
+    "small-qwen2": (["model.name=Qwen2.5-0.5B", "model.n_layer=4", "model.n_embd=128", "model.n_head=4",
+                     "model.n_positions=128", "model.vocab_size=50257", "memory.fused_gelu=null"],
+                    8, 300, 150, 5e-4, [1, 2, 3]),
     # (the shape spelled out: the default preset underneath sets a tiny one)
     "gpt2-medium": (["model.name=gpt2-medium", "model.n_layer=24", "model.n_embd=1024", "model.n_head=16",
                      "model.n_positions=128"], 4, 0, 20, 1e-4, [1]),
@@ -290,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     work = out / "runs"  # run folders (not committed)
     recipes = [*REFERENCES, *(r for r in (args.recipes or RECIPES) if r not in REFERENCES)]
     if pre_steps:
-        base = ["model.init=pretrained", f"model.name={pretrain(model, micro * 2, pre_steps, pre_lr, work / 'pretrain')}"]
+        base = ["model.init=pretrained", f"model.name={pretrain(model, micro * 2, pre_steps, pre_lr, work / 'pretrain')}",
+                *(o for o in model if o.startswith("memory."))]  # (a family's keys: the fine-tunes' too)
     else:
         base = [*model, "model.init=random"]
     env = {"size": args.size, "device": f"CPU: {cpu_name()}, {threads} threads per run",
