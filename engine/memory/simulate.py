@@ -21,12 +21,13 @@ partitioning rules to the simulated single-device step.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake, unset_fake_temporarily
 
 from engine.backends.deepspeed_backend import load_user_ds_json, make_ds_config
 from engine.backends.torch_backend import single_device_backend
@@ -58,6 +59,26 @@ def compiled_bound(peak_bytes: int, compiled: bool) -> int:
 def with_gpu_margin(peak_bytes: int) -> int:
     """A simulated peak plus GPU_OVERHEAD: what a GPU prediction states."""
     return int(peak_bytes * (1 + GPU_OVERHEAD["fragmentation"]) + GPU_OVERHEAD["context_bytes"])
+
+
+@contextlib.contextmanager
+def fake_tensors_are_no_trace():
+    """transformers takes a fake tensor for a graph being traced (`is_tracing`) and then builds the causal mask that a
+    real step skips (SDPA's is_causal path): with the mask, grouped-query attention repeats the keys and values
+    instead of SDPA's enable_gqa, and both stay saved for backward. Measured before this (2026-12-03, this CPU):
+    +1.17% on Qwen2.5-0.5B with LoRA, +1.96% on SmolLM2-360M, 0.00% on GPT-2 and GPT-NeoX. The simulator's fake
+    tensors stand for real ones, so while it runs, masking asks only the other tracing checks. Its look for packed
+    sequences in the position ids (which would read fake values) answers what the real step finds: none, since the
+    engine passes no position ids and transformers makes them 0..n-1."""
+    import transformers.masking_utils as masking
+
+    traced, packed = masking.is_tracing, masking.find_packed_sequence_indices
+    masking.is_tracing = lambda tensor=None: traced(None if is_fake(tensor) else tensor)
+    masking.find_packed_sequence_indices = lambda position_ids: None if is_fake(position_ids) else packed(position_ids)
+    try:
+        yield
+    finally:
+        masking.is_tracing, masking.find_packed_sequence_indices = traced, packed
 
 
 # ----------------------------------------------------------------------------- GPU attention stand-in
@@ -384,7 +405,7 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
     x = torch.randint(0, vocab, (micro, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": x, "labels": x, "n_tokens": micro * (seq - 1)}
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake_mode:
+    with fake_mode, fake_tensors_are_no_trace():
         model = fake_model(cfg, DTYPES[mem.precision] if deepspeed else None)  # DeepSpeed: 16-bit module weights
         if kernel == "cuda":
             model.config._attn_implementation = _register_standin()
