@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from engine.errors import ConfigError, ModelLoadError
+from engine.errors import ConfigError
 from engine.families import OVERRIDE_KEYS, Family, Shape, family, folder_config, named_size, random_architecture
 
 

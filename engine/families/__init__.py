@@ -17,9 +17,7 @@ from pathlib import Path
 
 from engine.errors import ModelLoadError
 from engine.families import gpt2, gpt_neox, llama, qwen2
-from engine.families.base import OVERRIDE_KEYS, Family, NamedSize, Shape
-
-__all__ = ["OVERRIDE_KEYS", "Family", "NamedSize", "Shape", "FAMILIES"]
+from engine.families.base import OVERRIDE_KEYS, Family, NamedSize, Shape  # noqa: F401 (the package's interface)
 
 # The vendored GPT-2 tokenizer's vocabulary: a random-init model holds at least these rows, so its ids fit.
 TOKENIZER_VOCAB = 50257
