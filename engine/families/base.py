@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 
 # The engine's own random-init override keys (GPT-2's names, kept for every family) -> what they set.
 OVERRIDE_KEYS = ("n_layer", "n_embd", "n_head", "n_kv_head", "n_inner", "n_positions", "vocab_size")
+# transformers' config keys of the Llama layout, which Qwen2 shares (and its projections, LoRA's default targets)
+LLAMA_KEYS = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+              "n_kv_head": "num_key_value_heads", "n_inner": "intermediate_size",
+              "n_positions": "max_position_embeddings", "vocab_size": "vocab_size"}
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)

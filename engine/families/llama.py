@@ -5,19 +5,17 @@ Configurations as published in each model's config.json (parameter counts checke
 random init TinyLlama's 32,000 and SmolLM2's 49,152 embedding rows become 50,257: the vendored GPT-2 tokenizer's ids
 must fit (model.vocab_size sets them exactly, with a tokenizer of that size)."""
 
-from engine.families.base import Family, NamedSize
+from engine.families.base import LLAMA_KEYS, LLAMA_PROJECTIONS, Family, NamedSize
 
 ROPE = {"rope_type": "default"}
 
 FAMILY = Family(
     model_type="llama",
     config_class="LlamaConfig",
-    keys={"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
-          "n_kv_head": "num_key_value_heads", "n_inner": "intermediate_size", "n_positions": "max_position_embeddings",
-          "vocab_size": "vocab_size"},
+    keys=LLAMA_KEYS,
     blocks_attr="layers",
     final_norm_attr="norm",
-    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    lora_targets=LLAMA_PROJECTIONS,
     dropout_keys=("attention_dropout",),
     mlp="swiglu",
     defaults={"bos_token_id": 50256, "eos_token_id": 50256, "hidden_act": "silu"},

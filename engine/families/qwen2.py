@@ -4,17 +4,15 @@ Llama's layout with biases on the query/key/value projections and a 151,936-toke
 sizes). Configurations as published in each model's config.json (parameter counts checked against the model
 cards)."""
 
-from engine.families.base import Family, NamedSize
+from engine.families.base import LLAMA_KEYS, LLAMA_PROJECTIONS, Family, NamedSize
 
 FAMILY = Family(
     model_type="qwen2",
     config_class="Qwen2Config",
-    keys={"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
-          "n_kv_head": "num_key_value_heads", "n_inner": "intermediate_size", "n_positions": "max_position_embeddings",
-          "vocab_size": "vocab_size"},
+    keys=LLAMA_KEYS,
     blocks_attr="layers",
     final_norm_attr="norm",
-    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    lora_targets=LLAMA_PROJECTIONS,
     dropout_keys=("attention_dropout",),
     mlp="swiglu",
     defaults={"bos_token_id": 50256, "eos_token_id": 50256, "hidden_act": "silu", "use_sliding_window": False},
