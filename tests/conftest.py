@@ -72,6 +72,17 @@ def tiny_overrides(corpus: dict[str, Path], out: Path, **extra) -> dict:
     return deep_update(cfg, extra)
 
 
+# Beyond GPT-2 (engine/families/): the named size whose architecture each family's tiny model shrinks.
+TINY_OF = {"llama": "SmolLM2-135M", "qwen2": "Qwen2.5-0.5B", "gpt_neox": "pythia-160m"}
+
+
+def tiny_model(fam: str) -> dict:
+    """`model` overrides of a family's tiny random model: 2 blocks, 32 wide, 2 heads (Llama/Qwen2: 1 key/value head),
+    64 positions, dropout 0, the GPT-2 tokenizer's 50,257 rows (tests/test_families.py, the 2-rank chain)."""
+    return {"name": TINY_OF[fam], "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "vocab_size": 50257,
+            "dropout": 0.0}
+
+
 def deep_update(base: dict, upd: dict) -> dict:
     for k, v in upd.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):

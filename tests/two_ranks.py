@@ -3,8 +3,9 @@ one-host hostfile, which also covers the launcher's hostfile path): launcher and
 not per test. The `two_ranks` fixture (conftest.py) trains them once per session; tests/test_layout_change.py and
 tests/test_distributed.py read them.
 
-Two single-process references of 16 steps (fp32 and, where the CPU computes bf16 natively, bf16) are trained in the
-test process first; some 2-rank runs resume from them."""
+Two single-process references of 16 steps (fp32 and, where the CPU computes bf16 natively, bf16) and one of 9 steps
+for each other family (tiny Llama, Qwen2 and GPT-NeoX, `FAMILY_REFS`) are trained in the test process first; some 2-rank
+runs resume from them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import NATIVE_BF16, ROOT, flat_overrides, run_cli, run_inprocess, tiny_overrides
+from conftest import NATIVE_BF16, ROOT, TINY_OF, flat_overrides, run_cli, run_inprocess, tiny_model, tiny_overrides
 
 TOTAL = 16
 
@@ -45,6 +46,21 @@ def speed_layout(stage: int, **extra) -> dict:
     lay = layout(stage, 2, **extra)
     lay["memory"].update(activation_checkpointing=True, checkpoint_policy="selective")
     return lay
+
+
+def family_layout(fam: str, stage: int = 0, ranks: int = 1, steps: int = 9, resume: Path | None = None,
+                  **memory) -> dict:
+    """`layout` on a family's tiny model (tests/test_families.py) for `steps` steps, resumed from `resume`, with
+    `memory` added (offload: DeepSpeed's CPU Adam, which offloaded states need)."""
+    lay = layout(stage, ranks, model=tiny_model(fam), train={"max_steps": steps},
+                 checkpoint={"resume": str(resume)} if resume else {})
+    lay["memory"].update(memory)
+    if memory.get("offload_optimizer"):
+        lay["optim"]["name"] = "cpu_adam"
+    return lay
+
+
+FAMILY_REFS = tuple(TINY_OF)  # one process, 9 steps each: ref_llama, ref_qwen2, ref_gpt_neox
 
 
 def ckpt(out: Path, step: int) -> Path:
@@ -93,6 +109,16 @@ def chain(root: Path) -> list[tuple[str, dict, dict | None]]:
         # ZeRO-3 run, selective + compiled blocks on ZeRO-1 against the plain ZeRO-1 run (ZeRO-3 refuses compile)
         ("zero3_selective", speed_layout(3, train={"max_steps": 6}), None),
         ("zero1_selective_compiled", speed_layout(1, train={"max_steps": 6, "compile_blocks": True}), None),
+        # Beyond GPT-2 (tests/test_families.py): each other family on another ZeRO layout, resumed across layouts, and
+        # with offload. Llama from one process at step 3 onto ZeRO-3 (tracked: check_zero_run); GPT-NeoX onto ZeRO-1;
+        # Qwen2 on ZeRO-2 with optimizer offload, and from its step 3 onto ZeRO-3 with optimizer and parameter offload.
+        # (That conversion crashed inside DeepSpeed, for GPT-2 too, until `_materialize_optimizer_state` kept ZeRO-3's
+        # offloaded gradient buffers.)
+        ("llama_to_zero3", {**family_layout("llama", 3, 2, resume=ckpt(root / "ref_llama", 3)), **TRACKED}, None),
+        ("gpt_neox_to_zero1", family_layout("gpt_neox", 1, 2, resume=ckpt(root / "ref_gpt_neox", 3)), None),
+        ("qwen2_zero2_offload", family_layout("qwen2", 2, 2, 6, offload_optimizer=True), None),
+        ("qwen2_offload_to_zero3", family_layout("qwen2", 3, 2, 6, resume=ckpt(root / "qwen2_zero2_offload", 3),
+                                                 offload_optimizer=True, offload_params=True), None),
     ]
     if NATIVE_BF16:
         runs += [
@@ -107,6 +133,8 @@ def chain(root: Path) -> list[tuple[str, dict, dict | None]]:
 
 def train_chain(corpus: dict, root: Path) -> Runs:
     run_inprocess(corpus, root / "ref", **layout())
+    for fam in FAMILY_REFS:
+        run_inprocess(corpus, root / f"ref_{fam}", **family_layout(fam))
     if NATIVE_BF16:
         run_inprocess(corpus, root / "ref_bf16", **layout(precision="bf16"))
     runs = chain(root)
@@ -118,4 +146,5 @@ def train_chain(corpus: dict, root: Path) -> Runs:
     hostfile.write_text("# the format of launch/hostfile.example, one local host\nlocalhost slots=2\n")
     launch({}, 29631, hostfile, script=ROOT / "tests" / "helpers" / "train_many.py",
            env_extra={"RUNS": str(root / "runs.json")})
-    return Runs(root, {"ref": tiny_overrides(corpus, root / "ref", **layout()), **configs})
+    refs = {"ref": layout(), **{f"ref_{fam}": family_layout(fam) for fam in FAMILY_REFS}}
+    return Runs(root, {**{name: tiny_overrides(corpus, root / name, **lay) for name, lay in refs.items()}, **configs})

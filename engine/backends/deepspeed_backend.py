@@ -440,11 +440,13 @@ class DeepSpeedBackend(Backend):
             if group_id is not None:
                 base.param_groups[group_id]["params"] = params
             flats = [p for g in base.param_groups for p in g["params"]]
+            # ZeRO-3 with optimizer offload keeps each sub-group's CPU gradient buffer in .grad for good: put it back
+            kept = [f.grad for f in flats]
             for f in flats:
                 f.grad = torch.zeros_like(f)
             base.step()
-            for f in flats:
-                f.grad = None
+            for f, grad in zip(flats, kept):
+                f.grad = grad
         for g, lr, params in zip(base.param_groups, lrs, groups):
             g["lr"], g["params"] = lr, params
         if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link each parameter to its fragment
