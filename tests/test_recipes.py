@@ -96,7 +96,8 @@ def test_planner_candidates_are_what_they_were(lora, gpus):
 @pytest.mark.parametrize("preset,key", [("gpt2-xl_full_t4", "adamw_8bit_inb"), ("gpt2-xl_full_8gb", "bf16_8bit"),
                                         ("gpt2-xl_qlora_4gb", "qlora"), ("gpt2-large_lora_8gb", "lora"),
                                         ("gpt2-xl_zero2_offload", "zero2_offload"), ("gpt2-xl_zero3_node", "zero3_adamw"),
-                                        ("qwen2.5-1.5b_full_8gb", "bf16_8bit"), ("qwen2.5-1.5b_qlora_4gb", "qlora")])
+                                        ("qwen2.5-1.5b_full_8gb", "bf16_8bit"), ("qwen2.5-1.5b_qlora_4gb", "qlora"),
+                                        ("llama-3.2-1b_full_8gb", "bf16_8bit"), ("llama-3.2-1b_qlora_4gb", "qlora")])
 def test_presets_hold_their_catalog_recipe(preset, key):
     """The benchmarks measure presets as these recipes: the recipe's overrides change nothing in its preset."""
     path = [resolve_config_path(preset)]
