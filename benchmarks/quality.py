@@ -72,7 +72,7 @@ def from_catalog(key: str, *extra: str) -> list[str]:
     return [*CATALOG[key].overrides, *extra]
 
 
-# name -> overrides: the catalog's recipes under their quality keys (engine.plan.QUALITY_GAP_PCT records their
+# name -> overrides: the catalog's recipes under their quality keys (engine.plan.QUALITY_GRIDS records their
 # results under the same names), each in the precision it is measured in; the reference and its bf16 control are
 # the catalog's AdamW.
 RECIPES = {

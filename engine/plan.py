@@ -105,40 +105,69 @@ class Strategy:
 
 # Final validation loss of each recipe (by its Recipe.quality_key, also its name in benchmarks/quality.py) against
 # fp32 AdamW clipped at 1.0 (QLoRA: against LoRA, what the NF4 base costs), measured by benchmarks/quality.py on the
-# 2-core Xeon (AMX) on 2026-12-03: a 4-layer GPT-2 pretrained by the engine on the sample stories, fine-tuned 150
-# steps in each of QUALITY_CELLS - Python docstrings (docs) and Python source (code: the hard shift, new vocabulary),
-# at the presets' lr (1e-5; adapters 2e-4) and a high one (5e-4; adapters 2.5e-3) - mean of 3 seeds each.
-# Results: benchmarks/results/quality/small/results.md.
+# 2-core Xeon (AMX) on 2026-12-03: a 4-layer, 128-wide model pretrained by the engine on the sample stories,
+# fine-tuned 150 steps in each of QUALITY_CELLS - Python docstrings (docs) and Python source (code: the hard shift,
+# new vocabulary), at the presets' lr (1e-5; adapters 2e-4) and a high one (5e-4; adapters 2.5e-3) - mean of 3 seeds
+# each; once as a GPT-2 (`--size small`) and once as a Qwen2 (`--size small-qwen2`).
 QUALITY_CELLS = ("docs/preset lr", "docs/high lr", "code/preset lr", "code/high lr")
-QUALITY_GAP_PCT: dict[str, tuple[float | None, ...]] = {  # None: not measured
-    "adamw_8bit_inb": (0.03, -0.13, -0.09, -0.65),  # 8-bit AdamW in backward, stale clipping
-    "bf16_8bit": (0.07, -0.15, -0.07, -0.73),
-    "bf16_4bit": (1.75, -0.18, 3.55, 0.41),  # at the presets' lr it moves less than AdamW (every seed, from step 50)
-    "bf16_adafactor": (0.29, -0.68, -0.12, -3.19),
-    "lora": (-4.64, 33.23, -6.67, 131.0),  # new vocabulary needs token embeddings, which LoRA keeps frozen
-    "qlora": (0.0, 0.0, 0.0, -0.20),  # against LoRA
+
+
+@dataclass(frozen=True)
+class QualityGrid:
+    measured_on: str  # what the note names
+    results: str  # where the figures are
+    gaps: dict[str, tuple[float | None, ...]]  # quality key -> % per QUALITY_CELLS (None: not measured)
+
+
+QUALITY_GRIDS = {
+    "gpt2": QualityGrid("a small GPT-2", "benchmarks/results/quality/small/results.md", {
+        "adamw_8bit_inb": (0.03, -0.13, -0.09, -0.65),  # 8-bit AdamW in backward, stale clipping
+        "bf16_8bit": (0.07, -0.15, -0.07, -0.73),
+        "bf16_4bit": (1.75, -0.18, 3.55, 0.41),  # at the presets' lr it moves less than AdamW (every seed, from step 50)
+        "bf16_adafactor": (0.29, -0.68, -0.12, -3.19),
+        "lora": (-4.64, 33.23, -6.67, 131.0),  # new vocabulary needs token embeddings, which LoRA keeps frozen
+        "qlora": (0.0, 0.0, 0.0, -0.20),  # against LoRA
+    }),
+    "qwen2": QualityGrid("a small Qwen2", "benchmarks/results/quality/small-qwen2/results.md", {
+        "adamw_8bit_inb": (0.06, -0.27, None, None),
+        "bf16_8bit": (0.04, -0.26, -0.03, None),
+        "bf16_adafactor": (0.45, -0.54, -0.05, None),
+        "lora": (-4.50, 34.43, None, None),
+        "qlora": (0.02, 0.04, None, None),  # against LoRA
+    }),
 }
+# A family without a grid of its own reads the nearest one measured: Llama's block is Qwen2's (RMSNorm, rotary,
+# SwiGLU) without the q/k/v bias; GPT-NeoX's is LayerNorm + GELU like GPT-2's.
+QUALITY_NEAREST = {"llama": "qwen2", "gpt_neox": "gpt2"}
 QUALITY_AGAINST = {"qlora": "LoRA"}
 QUALITY_TOLERANCE_PCT = 1.0
 
 
-def quality_worst(key: str) -> tuple[float, str] | None:
+def quality_grid(model_type: str = "gpt2") -> tuple[QualityGrid, bool]:
+    """The quality grid that speaks for a family, and whether it was measured on that family itself."""
+    own = model_type in QUALITY_GRIDS
+    return QUALITY_GRIDS[model_type if own else QUALITY_NEAREST.get(model_type, "gpt2")], own
+
+
+def quality_worst(key: str, model_type: str = "gpt2") -> tuple[float, str] | None:
     """The largest measured gap of a recipe and the cell it was measured in, or None if it was not measured."""
-    cells = [(g, c) for g, c in zip(QUALITY_GAP_PCT.get(key, ()), QUALITY_CELLS) if g is not None]
+    cells = [(g, c) for g, c in zip(quality_grid(model_type)[0].gaps.get(key, ()), QUALITY_CELLS) if g is not None]
     return max(cells) if cells else None
 
 
-def quality_note(key: str) -> str:
-    """The measured quality gaps of the recipe whose quality key is `key`, as printed with a recommendation."""
-    worst = quality_worst(key)
+def quality_note(key: str, model_type: str = "gpt2") -> str:
+    """The measured quality gaps of the recipe whose quality key is `key`, as printed with a recommendation for a
+    model of `model_type`."""
+    worst = quality_worst(key, model_type)
     if worst is None:
         return ""
+    grid, own = quality_grid(model_type)
     against = QUALITY_AGAINST.get(key, "fp32 AdamW clipped at 1.0")
     verdict = (f"within {QUALITY_TOLERANCE_PCT:g}% in every cell" if worst[0] <= QUALITY_TOLERANCE_PCT
                else f"OVER {QUALITY_TOLERANCE_PCT:g}%: {worst[0]:+.2f}% ({worst[1]})")
-    cells = "; ".join(f"{c} {g:+.2f}%" for g, c in zip(QUALITY_GAP_PCT[key], QUALITY_CELLS) if g is not None)
-    return (f"final validation loss vs {against} {verdict} ({cells}; benchmarks/quality.py, a small GPT-2, "
-            f"3 seeds)")
+    cells = "; ".join(f"{c} {g:+.2f}%" for g, c in zip(grid.gaps[key], QUALITY_CELLS) if g is not None)
+    where = grid.measured_on + ("" if own else f", the nearest family measured to {model_type}")
+    return f"final validation loss vs {against} {verdict} ({cells}; benchmarks/quality.py, {where}, 3 seeds)"
 
 
 @dataclass(frozen=True)
@@ -184,18 +213,19 @@ CANDIDATES: dict[tuple[bool, bool], tuple[str, ...]] = {
 }
 
 
-def candidate(r: Recipe) -> Strategy:
-    """A catalog recipe as a planner candidate, with its measured quality note."""
-    worst = quality_worst(r.quality_key)
+def candidate(r: Recipe, model_type: str = "gpt2") -> Strategy:
+    """A catalog recipe as a planner candidate, with its quality note as measured for `model_type`'s family."""
+    worst = quality_worst(r.quality_key, model_type)
     over = worst[0] if worst is not None and worst[0] > QUALITY_TOLERANCE_PCT else None
     return Strategy(r.title, r.overrides, r.zero_stage, r.offload_optimizer, r.offload_params, r.in_backward,
-                    r.quality_rank, quality_note(r.quality_key), over)
+                    r.quality_rank, quality_note(r.quality_key, model_type), over)
 
 
 def strategies(req: Request) -> list[Strategy]:
     """How model states can be held for this request: the catalog's recipes for LoRA or not, one GPU or several
     (with compiled blocks, none under ZeRO-3: its parameter gathering breaks the compiled graph)."""
-    out = [candidate(CATALOG[key]) for key in CANDIDATES[(req.lora, req.gpus > 1)]]
+    model_type = ModelConfig(name=req.model, init="random").architecture()[0].model_type
+    out = [candidate(CATALOG[key], model_type) for key in CANDIDATES[(req.lora, req.gpus > 1)]]
     return [s for s in out if not (req.compile_blocks and s.zero_stage == 3)]
 
 

@@ -76,7 +76,7 @@ class Recipe:
     # Among equally fast plans, the one closest to fp32 AdamW wins: 0 AdamW (fp32 weights), 1 8-bit AdamW, 2 bf16
     # weights with 8-bit AdamW, 3 with 4-bit AdamW, 4 Adafactor (benchmarks/quality.py measures the gaps).
     quality_rank: int = 0
-    quality_key: str = ""  # the key of its measured quality gap (engine.plan.QUALITY_GAP_PCT); "" if not measured
+    quality_key: str = ""  # the key of its measured quality gap (engine.plan.QUALITY_GRIDS); "" if not measured
 
     @property
     def settings(self) -> dict[str, str]:

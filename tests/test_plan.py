@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from engine.errors import ConfigError, EngineError
 from engine.memory.gpus import GPUS
 from engine.plan import (ActivationChoice, Request, Row, activation_choices, choose, micro_batches, parse_size,
@@ -369,3 +370,27 @@ def test_every_candidate_is_a_valid_run_of_another_family(model, lora):
             cfg = load_config(None, config_overrides(req, s, a, 1, 1) + ["model.init=random"])
             assert cfg.model.size == model and cfg.memory.fused_gelu is None
             assert cfg.memory.loss_chunk_size == (chunk if a.chunked_loss else None)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_quality_notes_hold_what_the_quality_benchmark_recorded(family):
+    """Every gap in engine.plan.QUALITY_GRIDS is its results.json figure (3 seeds; QLoRA's against LoRA), and a cell
+    left None there has no 3-seed result: the notes the plan prints are the benchmark's."""
+    from engine.plan import QUALITY_CELLS, QUALITY_GRIDS
+
+    grid = QUALITY_GRIDS[family]
+    rows = json.loads((ROOT / grid.results).with_name("results.json").read_text())["rows"]
+    recorded = {(r["recipe"], f"{r['domain']}/{r['lr']} lr"): r.get("gap_pct_vs_lora", r["gap_pct_vs_reference"])
+                for r in rows if r["seeds"] == 3}
+    for key, gaps in grid.gaps.items():
+        assert [recorded.get((key, cell)) for cell in QUALITY_CELLS] == list(gaps), key
+
+
+def test_a_family_without_its_own_quality_grid_reads_the_nearest_and_says_so():
+    from engine.plan import quality_note
+
+    assert "a small Qwen2, 3 seeds" in quality_note("bf16_8bit", "qwen2")
+    assert "a small Qwen2, the nearest family measured to llama" in quality_note("bf16_8bit", "llama")
+    assert "a small GPT-2, the nearest family measured to gpt_neox" in quality_note("bf16_8bit", "gpt_neox")
+    by = {s.name: s for s in strategies(Request(model="Qwen2.5-1.5B"))}
+    assert all("a small Qwen2" in s.quality for s in by.values() if s.quality)
