@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 from engine.config import RunConfig, family_feature_problem
 from engine.errors import ConfigError, ModelLoadError
 from engine.families import Family, context_of, family_of
+from engine.notices import drop_late_console_handler
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,6 +61,7 @@ def is_local_path(name: str) -> bool:
 def from_pretrained(load, name: str, hub_hint: str = "pass a local folder instead", **kw):
     """`load(name, **kw)` (a transformers or peft `from_pretrained`) with one-line errors: a local folder that does
     not hold a saved model, or a hub name that cannot be fetched (offline here; `hub_hint` says what to do)."""
+    drop_late_console_handler("huggingface_hub")  # its offline retries go to the log file, not the console
     try:
         return load(name, **kw)
     except (OSError, ValueError) as e:

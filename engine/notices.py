@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 LIBRARY_LOGGERS = ("bitsandbytes", "deepspeed", "DeepSpeed", "transformers", "peft", "datasets", "torch", "accelerate",
-                   "torchao", "optuna", "py.warnings")
+                   "torchao", "optuna", "huggingface_hub", "py.warnings")  # (the hub's: its retries when offline)
 
 
 def library_log_path() -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 from engine.config import ModelConfig
 from engine.families import named_size
 from engine.errors import DataError, ModelLoadError
+from engine.notices import drop_late_console_handler
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "gpt2-tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
@@ -73,6 +74,7 @@ def uses_hub_tokenizer(model_cfg: ModelConfig) -> bool:
 def hub_tokenizer(model_cfg: ModelConfig):
     from transformers import AutoTokenizer
 
+    drop_late_console_handler("huggingface_hub")  # its offline retries go to the log file, not the console
     try:
         return AutoTokenizer.from_pretrained(model_cfg.hub_id(), trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError):
