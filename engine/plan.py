@@ -14,6 +14,7 @@ Host RAM and step time are modelled (stated assumptions below), not simulated.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -224,7 +225,7 @@ def candidate(r: Recipe, model_type: str = "gpt2") -> Strategy:
 def strategies(req: Request) -> list[Strategy]:
     """How model states can be held for this request: the catalog's recipes for LoRA or not, one GPU or several
     (with compiled blocks, none under ZeRO-3: its parameter gathering breaks the compiled graph)."""
-    model_type = ModelConfig(name=req.model, init="random").architecture()[0].model_type
+    model_type = model_family_and_shape(req.model)[0]
     out = [candidate(CATALOG[key], model_type) for key in CANDIDATES[(req.lora, req.gpus > 1)]]
     return [s for s in out if not (req.compile_blocks and s.zero_stage == 3)]
 
@@ -303,10 +304,16 @@ def with_margin(req: Request, peak: int) -> int:
 # --- host RAM and step time: modelled ---------------------------------------------------------------------------
 
 
-def model_shape(model: str) -> Shape:
-    """The architecture of `engine plan --model` (a named size or a model folder) as the simulation builds it."""
+@functools.lru_cache(maxsize=16)
+def model_family_and_shape(model: str) -> tuple[str, Shape]:
+    """The family (`model_type`) and architecture of `engine plan --model` (a named size, or a model folder whose
+    config.json is read once, not per candidate) as the simulation builds it."""
     fam, arch = ModelConfig(name=model, init="random").architecture()
-    return fam.shape(arch)
+    return fam.model_type, fam.shape(arch)
+
+
+def model_shape(model: str) -> Shape:
+    return model_family_and_shape(model)[1]
 
 
 def host_bytes(n_params: int, zero_host: int, lora: bool) -> int:
