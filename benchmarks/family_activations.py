@@ -50,23 +50,9 @@ def simulated_activations(cfg, kernel: str) -> int:
 def measured_activations(cfg) -> int:
     """The activations' phase peak of one real tracked step of `cfg` on this CPU, phases labelled as the simulator
     labels them."""
-    import torch
+    from engine.memory.measure import measure
 
-    from engine.backends.torch_backend import single_device_backend
-    from engine.distributed import DistEnv
-    from engine.memory.simulate import label_phases
-    from engine.memory.tracker import MemoryTracker
-    from engine.model import build_model
-
-    torch.manual_seed(0)
-    backend = single_device_backend(cfg, DistEnv(), build_model(cfg, 50257), total_steps=1)
-    tracker = MemoryTracker()
-    tracker.track_backend(backend)
-    label_phases(backend.model, tracker, edge=2)
-    x = torch.randint(0, 50257, (1, cfg.data.block_size), generator=torch.Generator().manual_seed(0))
-    with tracker:
-        backend.train_step([{"input_ids": x, "labels": x, "n_tokens": x.numel() - 1}])
-    return max(b["activations"] for _, b in tracker.phase_peaks.values())
+    return max(b["activations"] for b in measure(cfg, steps=1, warmup=0, phases=True).phase_peaks.values())
 
 
 def per_block(model: str, kernel: str, seq: int = SEQ) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ from engine.config import RunConfig
 from engine.devices import pick_device, resolve_precision, return_freed_host_memory
 from engine.distributed import DistEnv
 from engine.memory.meter import peak_rss_bytes
+from engine.memory.simulate import label_phases
 from engine.memory.tracker import MemoryTracker
 from engine.model import build_model, compile_blocks, compile_seconds, parameter_counts
 
@@ -68,6 +69,7 @@ class Measurement:
     cuda_device_used: int | None = None  # total - free (torch.cuda.mem_get_info) after the steps: nvidia-smi's view
     precision: str = ""
     compile_s: float = 0.0  # torch.compile's seconds in this measurement (compiled blocks: the warm-up step's)
+    phase_peaks: dict = field(default_factory=dict)  # measure(phases=True): the tracker's peak per phase, as simulated
 
 
 def model_shape(cfg: RunConfig) -> tuple[int, int]:
@@ -87,9 +89,20 @@ def build_for(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
     return build_model(cfg, 50257)
 
 
-def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True) -> Measurement:
+def run_flops_per_token(cfg: RunConfig, n_params: int) -> float:
+    """`flops_per_token` of a run, its full recompute included. (Selective recompute re-runs the cheap ops, and on
+    the math attention path its score matmuls, 4*L*h*s per token at most: not counted.)"""
+    n_layer, n_embd = model_shape(cfg)
+    mem = cfg.memory
+    recompute = (1.0 / mem.checkpoint_every_n_layers) if mem.activation_checkpointing and \
+        mem.checkpoint_policy == "full" else 0.0
+    return flops_per_token(n_params, n_layer, n_embd, cfg.data.block_size, recompute, lora=mem.lora.enabled)
+
+
+def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True, phases: bool = False) -> Measurement:
     """Run `steps` real optimizer steps of `cfg` on one device (either backend, one process) and measure them
-    (`memory.precision: auto` is resolved for the device, as `engine train` does).
+    (`memory.precision: auto` is resolved for the device, as `engine train` does); `phases`: the tracked peak per
+    phase too, labelled as `simulate(phases=True)` labels it.
 
     The tracker (a dispatch mode) slows every op, so the step time is taken from `steps` further steps run without
     it; untracked (compiled blocks, or track=False), the `steps` themselves are timed."""
@@ -113,6 +126,8 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
     tracker = MemoryTracker()
     if track:
         tracker.track_backend(backend)
+        if phases:
+            label_phases(backend.model, tracker, cfg.memory)
     gen = torch.Generator().manual_seed(0)
     vocab = min(model.get_input_embeddings().weight.shape[0], 50257)
 
@@ -137,13 +152,7 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
         times = [step() for _ in range(timed)]
     times.sort()
     step_s = times[len(times) // 2]
-    n_layer, n_embd = model_shape(cfg)
-    mem = cfg.memory
-    # (selective recompute re-runs the cheap ops, and on the math attention path its score matmuls, 4*L*h*s per
-    # token at most: not counted)
-    recompute = (1.0 / mem.checkpoint_every_n_layers) if mem.activation_checkpointing and \
-        mem.checkpoint_policy == "full" else 0.0
-    fpt = flops_per_token(counts["total"], n_layer, n_embd, seq, recompute, lora=mem.lora.enabled)
+    fpt = run_flops_per_token(cfg, counts["total"])
     tps = micro * seq * accum / step_s
     cuda_stats = {}
     if cuda:
@@ -163,5 +172,6 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True)
         params=counts,
         precision=precision,
         compile_s=compile_seconds() - compile_start,
+        phase_peaks={k: b for k, (_, b) in tracker.phase_peaks.items()},
         **cuda_stats,
     )

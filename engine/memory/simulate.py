@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake, unset_fake_te
 
 from engine.backends.deepspeed_backend import load_user_ds_json, make_ds_config
 from engine.backends.torch_backend import single_device_backend
-from engine.config import STATE_BYTES, RunConfig
+from engine.config import STATE_BYTES, MemoryConfig, RunConfig
 from engine.devices import resolve_precision
 from engine.distributed import DistEnv
 from engine.loss import lm_loss_sum
@@ -297,10 +297,12 @@ def _block_label(i: int, n: int, edge: int) -> str:
     return f"bottom{i}" if i < edge else "mid"
 
 
-def label_phases(model: torch.nn.Module, tracker: MemoryTracker, edge: int) -> list:
+def label_phases(model: torch.nn.Module, tracker: MemoryTracker, mem: MemoryConfig) -> list:
     """Hooks that name the phase the tracker is in: forward per block, the head, backward per block (a block's
     backward ends when its input's gradient is computed), the optimizer step. Within one label, memory is linear
-    in the model's depth, which is what `simulate_deep` extrapolates."""
+    in the model's depth, which is what `simulate_deep` extrapolates. The blocks named apart from the middle ones
+    (`edge` at each end) span one checkpointing period and one more."""
+    edge = (mem.checkpoint_every_n_layers if mem.activation_checkpointing else 1) + 1
     lm = unwrap(model, through_peft=True)
     fam = family_of(lm)
     blocks, handles = list(fam.blocks(lm)), []
@@ -424,8 +426,7 @@ def simulate(cfg: RunConfig, kernel: str = "cpu", steps: int = 2, zero_world: in
             model = backend.model
         tracker.track_model(model)
         if phases:
-            k = mem.checkpoint_every_n_layers if mem.activation_checkpointing else 1
-            label_phases(model, tracker, edge=k + 1)
+            label_phases(model, tracker, mem)
         with tracker, warnings.catch_warnings():
             bucket = reduce_bucket(model, tracker, zero, mem.zero_stage) if zero else []
             # the bitsandbytes step is replaced by state allocation, so LambdaLR sees no optimizer.step() and warns
