@@ -3,9 +3,8 @@ one-host hostfile, which also covers the launcher's hostfile path): launcher and
 not per test. The `two_ranks` fixture (conftest.py) trains them once per session; tests/test_layout_change.py and
 tests/test_distributed.py read them.
 
-Two single-process references of 16 steps (fp32 and, where the CPU computes bf16 natively, bf16) and one of 9 steps
-for each other family (tiny Llama, Qwen2 and GPT-NeoX, `FAMILY_REFS`) are trained in the test process first; some 2-rank
-runs resume from them."""
+Two single-process references of 16 steps (fp32 and, where the CPU computes bf16 natively, bf16) and 9-step ones of
+the other families (`family_refs`) are trained in the test process first; some 2-rank runs resume from them."""
 
 from __future__ import annotations
 
@@ -60,7 +59,13 @@ def family_layout(fam: str, stage: int = 0, ranks: int = 1, steps: int = 9, resu
     return lay
 
 
-FAMILY_REFS = tuple(TINY_OF)  # one process, 9 steps each: ref_llama, ref_qwen2, ref_gpt_neox
+def family_refs() -> dict[str, dict]:
+    """The one-process family references the 2-rank family runs resume from or follow: 9 steps of each family in
+    fp32 (ref_llama, ref_qwen2, ref_gpt_neox) and, where this CPU computes bf16 natively, Qwen2 in bf16."""
+    refs = {f"ref_{fam}": family_layout(fam) for fam in TINY_OF}
+    if NATIVE_BF16:
+        refs["ref_qwen2_bf16"] = family_layout("qwen2", precision="bf16")
+    return refs
 
 
 def ckpt(out: Path, step: int) -> Path:
@@ -122,6 +127,10 @@ def chain(root: Path) -> list[tuple[str, dict, dict | None]]:
     ]
     if NATIVE_BF16:
         runs += [
+            # Qwen2 in bf16: ZeRO-2 (against its one-process bf16 run), resumed at step 3 on ZeRO-3
+            ("qwen2_zero2_bf16", family_layout("qwen2", 2, 2, 6, precision="bf16"), None),
+            ("qwen2_bf16_to_zero3", family_layout("qwen2", 3, 2, 6, resume=ckpt(root / "qwen2_zero2_bf16", 3),
+                                                  precision="bf16"), None),
             ("zero3_bf16", layout(3, 2, precision="bf16"), None),
             ("zero2_bf16", layout(2, 2, precision="bf16", train={"max_steps": 3}), None),
             ("zero0_bf16", layout(0, 2, precision="bf16", train={"max_steps": 3}), None),
@@ -133,8 +142,8 @@ def chain(root: Path) -> list[tuple[str, dict, dict | None]]:
 
 def train_chain(corpus: dict, root: Path) -> Runs:
     run_inprocess(corpus, root / "ref", **layout())
-    for fam in FAMILY_REFS:
-        run_inprocess(corpus, root / f"ref_{fam}", **family_layout(fam))
+    for name, lay in family_refs().items():
+        run_inprocess(corpus, root / name, **lay)
     if NATIVE_BF16:
         run_inprocess(corpus, root / "ref_bf16", **layout(precision="bf16"))
     runs = chain(root)
@@ -146,5 +155,5 @@ def train_chain(corpus: dict, root: Path) -> Runs:
     hostfile.write_text("# the format of launch/hostfile.example, one local host\nlocalhost slots=2\n")
     launch({}, 29631, hostfile, script=ROOT / "tests" / "helpers" / "train_many.py",
            env_extra={"RUNS": str(root / "runs.json")})
-    refs = {"ref": layout(), **{f"ref_{fam}": family_layout(fam) for fam in FAMILY_REFS}}
+    refs = {"ref": layout(), **family_refs()}
     return Runs(root, {**{name: tiny_overrides(corpus, root / name, **lay) for name, lay in refs.items()}, **configs})
