@@ -48,6 +48,41 @@ def _ce_sum_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return loss, x
 
 
+class FusedHeadLoss(torch.autograd.Function):
+    """`memory.fused_head_loss`: the unchunked LM head's summed cross-entropy, its logits' gradient made in the
+    forward, in place in the logits' storage (`_ce_sum_and_grad`), and kept for backward instead of the log-softmax
+    output; backward is then the head's two matmuls. Autograd's path allocates the log-softmax output, the nll
+    gradient and the log-softmax gradient ([tokens x vocab] each) and reads them in two more passes."""
+
+    @staticmethod
+    def applies_to(lm) -> bool:
+        """A plain linear head (not LoRA-wrapped or quantized: their forwards are more than `F.linear`), outside
+        fp16 autocast (there the unscaled logits' gradient could underflow when cast to fp16 before the loss scale
+        reaches it in backward)."""
+        head = lm.get_output_embeddings()
+        fp16 = torch.is_autocast_enabled(head.weight.device.type) and (
+            torch.get_autocast_dtype(head.weight.device.type) == torch.float16)
+        return type(head) is torch.nn.Linear and not fp16
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels):
+        logits = F.linear(hidden, weight, bias)  # the compute dtype under autocast, as the module's forward
+        dtype, logits = logits.dtype, logits.float()  # 16-bit logits freed once cast (a no-op in fp32)
+        loss, grad = _ce_sum_and_grad(logits, labels)
+        ctx.save_for_backward(hidden, weight, grad.to(dtype))  # in fp32 the logits' own storage
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, grad_logits = ctx.saved_tensors
+        # Scale the [tokens x hidden] results, not the [tokens x vocab] gradient (one fewer pass over it).
+        scale = grad.to(grad_logits.dtype)
+        grad_hidden = (grad_logits @ weight.to(grad_logits.dtype)).mul_(scale) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.t() @ (hidden.to(grad_logits.dtype) * scale) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_logits.sum(0) * scale if ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None
+
+
 @dataclass
 class _AutocastState:
     device: str
@@ -168,20 +203,25 @@ class _HeadLossWithDeferredWeightGrad(torch.autograd.Function):
 
 
 def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
-                defer_head_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                defer_head_grad: bool = False, fused_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss and its token count. With `chunk_size`, the head runs `chunk_size` tokens at a time;
     with `defer_head_grad` too (the in-backward step, which frees gradients as they come; a single process: it hooks
-    the weight itself), the tied head's weight gradient is made at the end of backward (`DeferredHeadWeightGrad`)."""
+    the weight itself), the tied head's weight gradient is made at the end of backward (`DeferredHeadWeightGrad`).
+    With `fused_head` (unchunked, training), the head's loss and logits' gradient in one pass (`FusedHeadLoss`)."""
     mask = batch.get("attention_mask")  # absent for packed data: SDPA then keeps its causal fast path
     # Shift the labels, not the logits: `logits[:, :-1]` would copy the whole [B, S, vocab] tensor
     # (196 MiB per 1024 tokens in fp32) at the step's peak. The last position predicts nothing.
     labels = batch["labels"]
     y = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1).reshape(-1)
     n_tokens = (y != IGNORE_INDEX).sum()
+    lm = unwrap(model, through_peft=True)  # the transformers causal LM (LoRA layers stay inside it)
+    if not chunk_size and fused_head and torch.is_grad_enabled() and FusedHeadLoss.applies_to(lm):
+        hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
+        head = lm.get_output_embeddings()
+        return FusedHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, y), n_tokens
     if not chunk_size:
         logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
         return _ce_sum(torch.nn.Identity(), logits.view(-1, logits.shape[-1]), y), n_tokens
-    lm = unwrap(model, through_peft=True)  # the transformers causal LM (LoRA layers stay inside it)
     # Its body (GPT-2's transformer, Llama's model, GPT-NeoX's gpt_neox) ends with the final norm; the head is apart.
     hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
     h = hidden.view(-1, hidden.shape[-1])
@@ -209,8 +249,8 @@ def classification_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torc
 
 
 def batch_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
-                   defer_head_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   defer_head_grad: bool = False, fused_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss of a batch as (sum, count): classification batches carry `class_labels`."""
     if "class_labels" in batch:
         return classification_loss_sum(model, batch)
-    return lm_loss_sum(model, batch, chunk_size, defer_head_grad)
+    return lm_loss_sum(model, batch, chunk_size, defer_head_grad, fused_head)

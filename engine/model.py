@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 from engine.config import RunConfig, family_feature_problem
 from engine.errors import ConfigError, ModelLoadError
 from engine.families import Family, context_of, family_of
+from engine.fast_dropout import use_fast_dropout
 from engine.notices import drop_late_console_handler
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -371,6 +372,8 @@ def build_model(cfg: RunConfig, vocab_size: int, special_ids: dict[str, int | No
     mem = cfg.memory
     if mem.fused_gelu is not False and fam.gpt2_gelu:  # (null: on where it applies)
         apply_fused_gelu(model)
+    if cfg.train.fast_dropout and training:  # (an export's model keeps torch's dropout and SDPA)
+        use_fast_dropout(model)
     if mem.activation_checkpointing:
         apply_activation_checkpointing(model, mem.checkpoint_every_n_layers, mem.checkpoint_policy)
     if mem.lora.enabled:

@@ -38,7 +38,7 @@ from engine.checkpoint import (
 from engine.classification import load_classification_splits
 from engine.config import RunConfig, config_to_yaml
 from engine.data import Sampler, StepSampler, eval_batches, load_splits
-from engine.devices import pick_device, resolve_precision, return_freed_host_memory
+from engine.devices import keep_freed_host_memory, pick_device, resolve_precision, return_freed_host_memory
 from engine.distributed import DistEnv, dist_env
 from engine.early_stopping import EarlyStopping
 from engine.errors import EngineError
@@ -492,6 +492,7 @@ def run_training(cfg: RunConfig, on_eval=None) -> dict:
     `on_eval(step, eval metrics)`: called at each periodic eval; True ends the run there (`RunPruned`)."""
     env = dist_env()
     return_freed_host_memory(cfg.memory.release_host_memory)  # host RAM then tracks the live tensors
+    keep_freed_host_memory(cfg.memory.keep_host_memory)  # or large host blocks are reused, not faulted in afresh
     torch.manual_seed(cfg.train.seed)
     # SIGTERM/SIGINT during the run: finish the step, save, return (exit 0); handlers restored afterwards.
     with StopSignal() as stop:

@@ -380,7 +380,8 @@ class DeepSpeedBackend(Backend):
         skipped_before = self.engine.skipped_steps
         skipped = False
         for i, mb in enumerate(micro_batches):
-            loss_sum, _ = batch_loss_sum(self.engine, self.to_device(mb), self.cfg.memory.loss_chunk_size)
+            loss_sum, _ = batch_loss_sum(self.engine, self.to_device(mb), self.cfg.memory.loss_chunk_size,
+                                         fused_head=self.cfg.memory.fused_head_loss)
             # DeepSpeed divides by accumulation steps and averages gradients over ranks; undo both so
             # the gradient is exactly d(sum of token losses)/d(global token count).
             self.engine.backward(loss_sum * (world * accum) / n_global.to(loss_sum.dtype))

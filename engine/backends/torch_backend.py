@@ -169,7 +169,8 @@ class TorchBackend(Backend):
         for mb in micro_batches:
             mb = self.to_device(mb)
             with self.autocast():
-                loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size)
+                loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size,
+                                             fused_head=self.cfg.memory.fused_head_loss)
             # Dividing by the global token count makes accumulation exactly a token-weighted mean.
             self.scaler.scale(loss_sum / n_global).backward()
             loss_acc += loss_sum.detach().double()
@@ -288,7 +289,8 @@ class InBackwardBackend(TorchBackend):
             # Gradients are freed as they come here, so the tied head's, made at the start of backward and held to
             # its end, would sit on every block's peak: made at the end instead (engine.loss.DeferredHeadWeightGrad).
             # Not on the plain step: its gradient buffer peaks at the end, where the deferred work would add to it.
-            loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size, defer_head_grad=True)
+            loss_sum, _ = batch_loss_sum(self.model, mb, self.cfg.memory.loss_chunk_size, defer_head_grad=True,
+                                         fused_head=self.cfg.memory.fused_head_loss)
         (loss_sum * loss_factor).backward()
         return loss_sum.detach()
 

@@ -15,7 +15,7 @@ import torch
 
 from engine.backends import make_backend
 from engine.config import RunConfig
-from engine.devices import pick_device, resolve_precision, return_freed_host_memory
+from engine.devices import keep_freed_host_memory, pick_device, resolve_precision, return_freed_host_memory
 from engine.distributed import DistEnv
 from engine.memory.meter import peak_rss_bytes
 from engine.memory.simulate import label_phases
@@ -107,6 +107,7 @@ def measure(cfg: RunConfig, steps: int = 3, warmup: int = 1, track: bool = True,
     The tracker (a dispatch mode) slows every op, so the step time is taken from `steps` further steps run without
     it; untracked (compiled blocks, or track=False), the `steps` themselves are timed."""
     return_freed_host_memory(cfg.memory.release_host_memory)  # peak RSS then follows the tensors (its docstring)
+    keep_freed_host_memory(cfg.memory.keep_host_memory)
     device = pick_device(cfg.train.device)
     precision, _ = resolve_precision(cfg.memory.precision, device)
     cfg = cfg.updated({"memory.precision": precision})
