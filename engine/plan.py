@@ -87,6 +87,7 @@ class Request:
     max_micro: int = 64
     clip_in_backward: str = "stale"  # optim.clip_in_backward for the in-backward candidates (exact: two passes)
     compile_blocks: bool = False  # plan with train.compile_blocks (not under ZeRO-3, which it cannot compile)
+    fused_head_loss: bool = False  # plan with memory.fused_head_loss where the loss is unchunked (not under ZeRO-3)
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,8 @@ def config_overrides(req: Request, s: Strategy, a: ActivationChoice, micro: int,
         ov += checkpointing(a.checkpoint_every, a.policy)
     if a.chunked_loss:
         ov += chunked_loss(loss_chunk_tokens(req.seq_len, model_shape(req.model).vocab))
+    elif req.fused_head_loss and s.zero_stage != 3:  # (ZeRO-3 gathers the head in hooks the fused loss bypasses)
+        ov.append("memory.fused_head_loss=true")
     if s.in_backward and req.clip_in_backward != "stale":
         ov.append(f"optim.clip_in_backward={req.clip_in_backward}")
     if req.compile_blocks:

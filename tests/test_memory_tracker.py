@@ -80,7 +80,9 @@ def test_fake_tensors_track_the_same_peak_as_real(ckpt):
 
 MMAP_PROBE = """
 import ctypes, sys
-from engine.devices import return_freed_host_memory
+from engine.devices import keep_freed_host_memory, return_freed_host_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_host_memory()
 if sys.argv[1] == "fixed":
     assert return_freed_host_memory()
 if sys.argv[1] == "off":  # memory.release_host_memory=false (the default): glibc left as it is
@@ -88,9 +90,9 @@ if sys.argv[1] == "off":  # memory.release_host_memory=false (the default): glib
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free(ctypes.c_void_p(libc.malloc(16 << 20)))  # a freed 16 MiB block: glibc raises its threshold to 16 MiB
-block = libc.malloc(2 << 20)
-size_field = ctypes.c_size_t.from_address(block - ctypes.sizeof(ctypes.c_size_t)).value
-print(bool(size_field & 0x2))  # IS_MMAPPED: unmapped (returned to the OS) when freed
+mmapped = lambda block: bool(ctypes.c_size_t.from_address(block - ctypes.sizeof(ctypes.c_size_t)).value & 0x2)
+# IS_MMAPPED: unmapped (returned to the OS) when freed, and faulted in afresh when allocated again
+print(mmapped(libc.malloc(2 << 20)), mmapped(libc.malloc(64 << 20)))
 """
 
 
@@ -108,6 +110,7 @@ def test_freed_host_blocks_go_back_to_the_os():
 
     probe = lambda mode: subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], cwd=ROOT, capture_output=True,  # noqa: E731
                                         text=True, check=True).stdout.strip()
-    assert probe("default") == "False"
-    assert probe("fixed") == "True"
-    assert probe("off") == "False"
+    assert probe("default") == "False True"  # above glibc's largest threshold (32 MiB) always mmapped
+    assert probe("fixed") == "True True"
+    assert probe("off") == "False True"
+    assert probe("keep") == "False False"  # memory.keep_host_memory: from the heap, whatever the size

@@ -394,3 +394,24 @@ def test_a_family_without_its_own_quality_grid_reads_the_nearest_and_says_so():
     assert "a small GPT-2, the nearest family measured to gpt_neox" in quality_note("bf16_8bit", "gpt_neox")
     by = {s.name: s for s in strategies(Request(model="Qwen2.5-1.5B"))}
     assert all("a small Qwen2" in s.quality for s in by.values() if s.quality)
+
+
+def test_fused_head_loss_plans_unchunked_candidates_with_it_and_a_lower_peak():
+    """`engine plan --fused-head-loss`: the unchunked candidates run memory.fused_head_loss (not the chunked ones,
+    nor ZeRO-3's, whose head is gathered in hooks it bypasses), and their simulated peak is lower (a bf16 GPU: under
+    fp16 loss scaling the head keeps autograd's path)."""
+    from engine.plan import config_overrides, simulate_phases
+
+    req = Request(model="gpt2", gpu=GPUS["l4"], seq_len=256)
+    fused = replace(req, fused_head_loss=True)
+    s = next(s for s in strategies(req) if s.zero_stage == 0 and not s.in_backward)
+    plain = next(a for a in activation_choices(s) if not a.chunked_loss and not a.checkpoint_every)
+    chunked = next(a for a in activation_choices(s) if a.chunked_loss)
+    key = "memory.fused_head_loss=true"
+    assert key in config_overrides(fused, s, plain, 1, 1) and key not in config_overrides(req, s, plain, 1, 1)
+    assert key not in config_overrides(fused, s, chunked, 1, 1)
+    two = replace(fused, gpus=2)
+    z3 = next(s for s in strategies(two) if s.zero_stage == 3)
+    assert key not in config_overrides(two, z3, next(a for a in activation_choices(z3) if not a.chunked_loss), 1, 1)
+    peak = lambda r: max(p for p, _ in simulate_phases(r, s, plain, 1, False)[0].values())  # noqa: E731
+    assert peak(fused) < peak(req)

@@ -93,6 +93,8 @@ def test_fp32_adamw_gpt2_xl_does_not_fit_24_gib():
     ["optim.name=adamw_4bit"],
     ["memory.lora.enabled=true", "memory.lora.quantize_base=nf4", "memory.precision=bf16",
      "memory.activation_checkpointing=true"],
+    ["train.fast_dropout=true", "memory.fused_head_loss=true"],
+    ["train.fast_dropout=true", "memory.fused_head_loss=true", "memory.precision=bf16"],
 ])
 def test_simulated_peak_matches_measured_run(overrides):
     """Fake-tensor simulation of the backend's step vs the same step on real tensors, CPU kernels: within 1%."""

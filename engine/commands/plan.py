@@ -50,6 +50,9 @@ def add_arguments(p) -> None:
                    help="plan with compiled blocks (train.compile_blocks): their measured step-time factor applies, "
                         "ZeRO-3 candidates are left out; memory is the eager step's, which bounded the compiled step's "
                         "in every measured pair")
+    p.add_argument("--fused-head-loss", action="store_true",
+                   help="plan the candidates without the chunked loss with memory.fused_head_loss (the head's loss "
+                        "and gradient in one pass: less memory at the head, simulated; its GPU speed is not measured)")
     p.add_argument("--write", metavar="FILE", help="where to write the recommended config (default plan-<model>.yaml)")
     p.add_argument("--workers", type=int, help="simulation processes (default: CPU cores, at most 4)")
 
@@ -81,7 +84,7 @@ def request_from_args(args) -> Request:
     return Request(model=model, gpu=gpu, gpus=args.gpus,
                    host_bytes=parse_size(args.host_mem) if args.host_mem else None, seq_len=args.seq_len,
                    global_batch=args.global_batch, lora=args.lora, clip_in_backward=args.clip_in_backward,
-                   compile_blocks=args.compile)
+                   compile_blocks=args.compile, fused_head_loss=args.fused_head_loss)
 
 
 def run(args) -> int:
@@ -92,6 +95,7 @@ def run(args) -> int:
           + (f", {req.host_bytes / GIB:.1f} GiB host RAM" if req.host_bytes else "")
           + f", sequence {req.seq_len}" + (f", global batch {req.global_batch}" if req.global_batch else "")
           + (", compiled blocks" if req.compile_blocks else "")
+          + (", fused head loss" if req.fused_head_loss else "")
           + f": simulating {n} configurations")
     bar = tqdm(total=n, unit="config", leave=False)
     rows, _ = plan(req, progress=lambda *_: bar.update(1), workers=args.workers)
