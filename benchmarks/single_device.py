@@ -57,10 +57,15 @@ RECIPES = {
     # tracker cannot see compiled kernels: peak RSS only, and the eager simulation as its bound)
     "bf16_weights_selective": (BF16_WEIGHTS, ["memory.checkpoint_policy=selective"]),
     "bf16_weights_compiled": (BF16_WEIGHTS, ["train.compile_blocks=true"]),
+    # the CPU speed options (the preset's loss is chunked: no fused head loss there)
+    "bf16_weights_fast_dropout": (BF16_WEIGHTS, ["train.fast_dropout=true"]),
+    "bf16_weights_fast_dropout_kept": (BF16_WEIGHTS, ["train.fast_dropout=true", "memory.keep_host_memory=true"]),
 }
 FILE_NAMES = {"bf16_weights": "full_bf16_weights", "adamw_4bit": "full_bf16_weights_adamw_4bit",
               "adafactor": "full_bf16_weights_adafactor", "bf16_weights_selective": "full_bf16_weights_selective",
-              "bf16_weights_compiled": "full_bf16_weights_compiled"}
+              "bf16_weights_compiled": "full_bf16_weights_compiled",
+              "bf16_weights_fast_dropout": "full_bf16_weights_fast_dropout",
+              "bf16_weights_fast_dropout_kept": "full_bf16_weights_fast_dropout_kept"}
 
 
 def family_preset(model: str, preset: list[str]) -> tuple[list[str], list[str]]:

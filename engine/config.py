@@ -210,8 +210,9 @@ class MemoryConfig(Section):
     keep_host_memory: bool = Field(
         False, description="Linux/glibc host RAM, the opposite trade of release_host_memory: every host block from "
         "the heap, freed ones kept for reuse (no mmap, no trimming), so a CPU step's large tensors (logits, weight "
-        "gradients) do not page-fault afresh every step: a gpt2 fp32 CPU step 3.88 -> 3.66 s (2-core Xeon). The "
-        "process keeps its host RAM high-water mark until it exits. For CPU training with RAM to spare.",
+        "gradients) do not page-fault afresh every step: 1.12x the tokens/s of a gpt2 fp32 CPU step at +346 MiB of "
+        "peak RSS (2-core Xeon, benchmarks/results/cpu_speed_options). The process keeps its host RAM high-water mark "
+        "until it exits. For CPU training with RAM to spare.",
     )
     optimizer_in_backward: bool = Field(
         False,
@@ -240,8 +241,8 @@ class MemoryConfig(Section):
         description="Compute the LM head's cross-entropy and its logits' gradient in one pass, the gradient made in "
         "place in the logits' own storage (unchunked loss only; loss_chunk_size does this per chunk). Autograd's "
         "log-softmax and its backward would allocate three more [tokens x vocab] buffers (196 MiB each per 1024 "
-        "tokens in fp32) and read them twice more: a gpt2 fp32 CPU step 3.88 -> 3.78 s (2-core Xeon). Same loss and "
-        "gradients up to rounding. Under fp16 loss scaling (where the unscaled gradient could underflow in fp16) the "
+        "tokens in fp32) and read them twice more: on a gpt2 fp32 CPU step, 1.07x the tokens/s and 239 MiB less tracked "
+        "peak (2-core Xeon). Same loss and gradients up to rounding. Under fp16 loss scaling (where the unscaled gradient could underflow in fp16) the "
         "head keeps autograd's path.",
     )
     frozen_weights_16bit: bool = Field(
@@ -306,7 +307,7 @@ class TrainConfig(Section):
     fast_dropout: bool = Field(
         False, description="CPU: draw dropout masks from the generator's 64-bit words, 16 bits per element (p "
         "rounded to a multiple of 1/65536), instead of torch's bernoulli_ (about 5 ns per element here: 12% of a "
-        "gpt2 fp32 CPU step), and run attention with dropout on the engine's math path that uses them (SDPA's own "
+        "gpt2 fp32 CPU step; with fast dropout 1.13x the tokens/s), and run attention with dropout on the engine's math path that uses them (SDPA's own "
         "math path draws with bernoulli_; without dropout, and on GPUs, SDPA runs as before). Same keep probability "
         "and scaling, another random stream. GPT-2's dropout modules and attention; families without dropout are "
         "unchanged.",

@@ -52,9 +52,10 @@ def keep_freed_host_memory(keep: bool = True) -> bool:
     glibc mmaps every block above its threshold (at most 32 MiB, however it adapts), and a fresh mmapped block
     page-faults on first touch: a CPU training step allocates its largest tensors (gpt2's 1024 x 50257 logits and
     their gradients, 196 MiB each in fp32; the vocab x hidden weight gradient) afresh every step, and faulting them
-    in costs about as much time per byte as a memory-bound op. Kept, a gpt2 fp32 CPU step took 3.66 s instead of
-    3.88 s (2-core Xeon, 2026-12-04). The cost: the process keeps its high-water mark of host RAM (peak RSS is at
-    least the largest step's, and freed memory is not returned until exit). Returns whether it was set (False
+    in costs about as much time per byte as a memory-bound op. Kept, a gpt2 fp32 CPU step ran at 1.12x the tokens/s
+    (2-core Xeon, 2026-12-04, benchmarks/results/cpu_speed_options). The cost: the process keeps its high-water mark
+    of host RAM (+346 MiB of peak RSS there; freed memory is not returned until exit). mallopt takes a C int, so the
+    trim threshold is at most 2 GiB: free memory above that at the heap's top still goes back. Returns whether it was set (False
     without `keep`, on other platforms or C libraries)."""
     if not keep or not sys.platform.startswith("linux"):
         return False

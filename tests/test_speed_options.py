@@ -326,3 +326,11 @@ def test_fast_paths_refuse_what_they_cannot_do():
                        ({"train": FAST, "model": {"attn_implementation": "eager"}}, "set attn_implementation=sdpa")):
         with pytest.raises((ConfigError, ValueError), match=match):
             validate_dict(bad)
+
+
+def test_fast_paths_resume_exactly(corpus, tmp_path):
+    """Fast dropout's masks come from the default generator, which a checkpoint saves: a run resumed at step 4 draws
+    the masks the uninterrupted one drew (and the fused head loss holds no state)."""
+    from conftest import assert_resumes_exactly
+
+    assert_resumes_exactly(corpus, tmp_path, model={"dropout": 0.1}, train=FAST, memory={"fused_head_loss": True})

@@ -7,7 +7,8 @@ module weights under DeepSpeed), `lm_loss_sum` (incl. chunked loss), the real op
 
 Kernels decide activation memory (see docs/MEMORY.md):
   kernel="cpu"   the kernels this CPU runs (SDPA falls back to the math kernel with dropout or
-                 16-bit inputs and keeps the attention matrix) - validated against real CPU runs.
+                 16-bit inputs and keeps the attention matrix; with train.fast_dropout the engine's own math
+                 path, engine/fast_dropout.py, runs as it runs) - validated against real CPU runs.
   kernel="cuda"  GPU prediction: attention is a stand-in whose saved tensors are exactly those of
                  CUDA's flash kernel (q, k, v, out, logsumexp), and the allocator's 512-byte
                  rounding is applied. CUDA context, fragmentation and kernel workspaces are NOT
