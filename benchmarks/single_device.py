@@ -59,7 +59,8 @@ RECIPES = {
     "bf16_weights_compiled": (BF16_WEIGHTS, ["train.compile_blocks=true"]),
     # the CPU speed options (the preset's loss is chunked: no fused head loss there)
     "bf16_weights_fast_dropout": (BF16_WEIGHTS, ["train.fast_dropout=true"]),
-    "bf16_weights_fast_dropout_kept": (BF16_WEIGHTS, ["train.fast_dropout=true", "memory.keep_host_memory=true"]),
+    "bf16_weights_fast_dropout_kept": (BF16_WEIGHTS, ["train.fast_dropout=true", "memory.release_host_memory=false",
+                                                      "memory.keep_host_memory=true"]),  # (the preset releases)
 }
 FILE_NAMES = {"bf16_weights": "full_bf16_weights", "adamw_4bit": "full_bf16_weights_adamw_4bit",
               "adafactor": "full_bf16_weights_adafactor", "bf16_weights_selective": "full_bf16_weights_selective",

@@ -58,14 +58,10 @@ class FastDropout(nn.Dropout):
         return fast_dropout(x, self.p, self.training)
 
 
-_CAUSAL_BIAS: dict[tuple, torch.Tensor] = {}  # (query length, key length, dtype): the additive causal mask
-
-
-def _causal_bias(t: int, s: int, dtype: torch.dtype) -> torch.Tensor:
-    key = (t, s, dtype)
-    if key not in _CAUSAL_BIAS:
-        _CAUSAL_BIAS[key] = torch.full((t, s), torch.finfo(dtype).min, dtype=dtype).triu_(s - t + 1)
-    return _CAUSAL_BIAS[key]
+def _causal_bias(t: int, s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The additive causal mask [t, s]: made per call (a fraction of a millisecond), not cached, so a simulation's
+    fake tensor never reaches a real step (the pre-flight simulates in the training process)."""
+    return torch.full((t, s), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(s - t + 1)
 
 
 def engine_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -91,7 +87,7 @@ def engine_attention(module, query, key, value, attention_mask, dropout: float =
                 else attention_mask.to(dtype))
         bias = bias.expand(b, h, t, s).reshape(b * h, t, s)
     else:
-        bias = _causal_bias(t, s, dtype) if is_causal else None
+        bias = _causal_bias(t, s, dtype, query.device) if is_causal else None
     q, k = query.reshape(b * h, t, d), key.reshape(b * h, s, d).transpose(1, 2)
     # The mask is added by the matmul itself (baddbmm writes it into the scores' buffer first): no extra pass.
     scores = torch.baddbmm(bias, q, k, alpha=scaling) if bias is not None else torch.bmm(q, k).mul_(scaling)
