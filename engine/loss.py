@@ -69,17 +69,34 @@ class FusedHeadLoss(torch.autograd.Function):
         logits = F.linear(hidden, weight, bias)  # the compute dtype under autocast, as the module's forward
         dtype, logits = logits.dtype, logits.float()  # 16-bit logits freed once cast (a no-op in fp32)
         loss, grad = _ce_sum_and_grad(logits, labels)
-        ctx.save_for_backward(hidden, weight, grad.to(dtype))  # in fp32 the logits' own storage
+        ctx.save_for_backward(hidden, weight)
+        # Not a saved tensor: backward drops it before the weight gradient is cast to the weight's dtype (a saved
+        # one would live until the whole node is done, casts included: one more [tokens x vocab] at the head).
+        ctx.grad_logits = grad.to(dtype)  # in fp32 the logits' own storage
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, grad_logits = ctx.saved_tensors
+        hidden, weight = ctx.saved_tensors
+        grad_logits = ctx.grad_logits
+        del ctx.grad_logits
         # Scale the [tokens x hidden] results, not the [tokens x vocab] gradient (one fewer pass over it).
         scale = grad.to(grad_logits.dtype)
-        grad_hidden = (grad_logits @ weight.to(grad_logits.dtype)).mul_(scale) if ctx.needs_input_grad[0] else None
+        grad_hidden = None
+        if ctx.needs_input_grad[0] and weight.dtype == grad_logits.dtype:
+            grad_hidden = (grad_logits @ weight).mul_(scale)
+        elif ctx.needs_input_grad[0]:  # 16-bit compute: cast the weight a block of rows at a time (HEAD_GRAD_BLOCK),
+            # not whole (vocab x hidden, beside everything backward holds at the head)
+            grad_hidden = hidden.new_zeros(hidden.shape, dtype=grad_logits.dtype)
+            rows = max(1, HEAD_GRAD_BLOCK // weight.shape[1])
+            for r in range(0, weight.shape[0], rows):
+                grad_hidden.addmm_(grad_logits[:, r : r + rows], weight[r : r + rows].to(grad_logits.dtype))
+            grad_hidden.mul_(scale)
         grad_weight = grad_logits.t() @ (hidden.to(grad_logits.dtype) * scale) if ctx.needs_input_grad[1] else None
         grad_bias = grad_logits.sum(0) * scale if ctx.needs_input_grad[2] else None
+        del grad_logits
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)  # (what autograd would cast it to, after the line above)
         return grad_hidden, grad_weight, grad_bias, None
 
 

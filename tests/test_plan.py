@@ -398,8 +398,8 @@ def test_a_family_without_its_own_quality_grid_reads_the_nearest_and_says_so():
 
 def test_fused_head_loss_plans_unchunked_candidates_with_it_and_a_lower_peak():
     """`engine plan --fused-head-loss`: the unchunked candidates run memory.fused_head_loss (not the chunked ones,
-    nor ZeRO-3's, whose head is gathered in hooks it bypasses), and their simulated peak is lower (a bf16 GPU: under
-    fp16 loss scaling the head keeps autograd's path)."""
+    nor ZeRO-3's, whose head is gathered in hooks it bypasses), and their simulated memory at the head is lower (a
+    bf16 GPU: under fp16 loss scaling the head keeps autograd's path)."""
     from engine.plan import config_overrides, simulate_phases
 
     req = Request(model="gpt2", gpu=GPUS["l4"], seq_len=256)
@@ -413,5 +413,9 @@ def test_fused_head_loss_plans_unchunked_candidates_with_it_and_a_lower_peak():
     two = replace(fused, gpus=2)
     z3 = next(s for s in strategies(two) if s.zero_stage == 3)
     assert key not in config_overrides(two, z3, next(a for a in activation_choices(z3) if not a.chunked_loss), 1, 1)
-    peak = lambda r: max(p for p, _ in simulate_phases(r, s, plain, 1, False)[0].values())  # noqa: E731
-    assert peak(fused) < peak(req)
+    phases = lambda r: {k: v[0] for k, v in simulate_phases(r, s, plain, 1, False)[0].items()}  # noqa: E731
+    with_it, without = phases(fused), phases(req)
+    # Lower where the head is (gpt2 at 256 tokens, bf16: 1,915 vs 1,966 MB); the step's peak here is the embedding's
+    # backward, which the head does not reach: no higher.
+    assert with_it["fwd:head"] < without["fwd:head"] - 40e6
+    assert max(with_it.values()) <= max(without.values())
