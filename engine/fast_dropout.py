@@ -35,6 +35,12 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return words.view(torch.int16)[:n].view(shape) >= round(p * _LEVELS) - _LEVELS // 2
 
 
+def drawn_here(p: float, device: torch.device) -> bool:
+    """Whether dropout with `p` on `device` draws `keep_mask`'s masks: on a CPU, for p that rounds to a drop
+    probability strictly between 0 and 1 (torch's dropout otherwise)."""
+    return device.type == "cpu" and 0 < round(p * _LEVELS) < _LEVELS
+
+
 def keep_scale(p: float) -> float:
     """The inverse of `keep_mask`'s keep probability: what kept elements are multiplied by."""
     return _LEVELS / (_LEVELS - round(p * _LEVELS))
@@ -43,8 +49,9 @@ def keep_scale(p: float) -> float:
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True, rescale: bool = True) -> torch.Tensor:
     """Dropout of `x` with `keep_mask`'s masks on a CPU (`F.dropout` elsewhere, and for p outside (0, 1)).
     `rescale=False` leaves the scaling to the caller (attention scales its smaller output instead)."""
-    if not training or p <= 0.0 or p >= 1.0 or x.device.type != "cpu" or round(p * _LEVELS) == 0:
-        return nn.functional.dropout(x, p, training) if rescale or not training else x
+    if not training or not drawn_here(p, x.device):
+        out = nn.functional.dropout(x, p, training)
+        return out if rescale or not training else out * (1.0 - p)  # (the caller scales by keep_scale's inverse)
     # A uint8 view of the bool mask: float x uint8 runs vectorized, float x bool does not (about 2x slower); autograd
     # keeps that 1-byte mask for backward, as torch's dropout keeps its bool one.
     out = x * keep_mask(x.shape, p, x.device).view(torch.uint8)
@@ -70,7 +77,7 @@ def engine_attention(module, query, key, value, attention_mask, dropout: float =
     Fully masked rows (left padding) get a uniform row instead of NaN: the additive mask is dtype-min, not -inf."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    if dropout == 0.0 or query.device.type != "cpu":
+    if not drawn_here(dropout, query.device):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)

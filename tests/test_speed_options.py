@@ -222,6 +222,7 @@ def test_fast_dropout_masks_keep_1_minus_p_unbiased_and_follow_the_generator():
     assert not torch.equal(keep_mask(torch.Size([2048, 1023]), 0.1, torch.device("cpu")), keep)
     assert torch.equal(fast_dropout(ones, 0.1, training=False), ones)
     assert torch.equal(fast_dropout(ones, 0.0), ones)
+    assert torch.equal(fast_dropout(ones, 1.0), torch.zeros_like(ones))  # p = 1: torch's dropout (keep_scale: 1/0)
 
 
 @pytest.mark.parametrize("precision", precisions("fp32", "bf16"))
