@@ -124,7 +124,11 @@ def test_benchmark_recipes_are_what_they_were():
     assert settings(quality.RECIPES["qlora"]) == {**LORA, "memory.lora.dropout": "0.0", "memory.precision": "bf16",
                                                   "memory.lora.quantize_base": "nf4", **clip}
     assert sorted(single_device.RECIPES) == ["adafactor", "adamw_4bit", "bf16_weights", "bf16_weights_compiled",
+                                             "bf16_weights_fast_dropout", "bf16_weights_fast_dropout_kept",
                                              "bf16_weights_selective", "full", "lora", "qlora"]
+    assert single_device.RECIPES["bf16_weights_fast_dropout_kept"] == (
+        ["--config", "gpt2-xl_full_8gb"],
+        ["train.fast_dropout=true", "memory.release_host_memory=false", "memory.keep_host_memory=true"])
     assert single_device.RECIPES["bf16_weights_selective"] == (["--config", "gpt2-xl_full_8gb"],
                                                                ["memory.checkpoint_policy=selective"])
     preset, extra = single_device.RECIPES["qlora"]
@@ -135,7 +139,8 @@ def test_benchmark_recipes_are_what_they_were():
     assert list(gpu_check.RECIPES) == ["t4 preset", "8gb preset", "qlora preset", "adafactor bf16 weights", "adamw",
                                        "adamw8bit+ckpt", "lora preset", "adamw fp16", "zero2 1 rank", "zero3 1 rank",
                                        "t4 preset, selective recompute", "t4 preset, compiled blocks",
-                                       "t4 preset, selective + compiled"]
+                                       "t4 preset, selective + compiled", "adamw, fused head loss"]
+    assert gpu_check.RECIPES["adamw, fused head loss"] == (None, ["optim.name=adamw", "memory.fused_head_loss=true"])
     assert gpu_check.RECIPES["adamw8bit+ckpt"] == (None, ["optim.name=adamw_8bit", "memory.activation_checkpointing=true"])
     assert gpu_check.RECIPES["adamw fp16"] == (None, ["optim.name=adamw", "memory.precision=fp16"])
     assert gpu_check.RECIPES["zero3 1 rank"] == (None, ["memory.zero_stage=3"])
